@@ -1,0 +1,51 @@
+# Two commands on a fresh machine: `make demo` (the main job on the embedded default) and `make test`.
+SHELL := /bin/bash
+PY := .venv/bin/python
+export PYTHONPATH := $(CURDIR)
+export PYTHONWARNINGS := ignore::FutureWarning,ignore::UserWarning
+
+VARIANT ?= default
+STUDENT_CFG ?= configs/embedded/student_R50_FPN.yaml
+TEACHER_CFG ?= configs/embedded/teacher_R101_FPN.yaml
+METHOD ?= hint
+B ?= 1.0
+ITERS ?=
+STORE ?=
+CODEC ?=
+OPTS ?=
+METHODS ?= hint attention similarity nst rkd pkt kdsvd
+
+# KEY VALUE overrides shared by stage one and two
+STORE_OPTS := $(if $(STORE),DISTILL.CACHE.PATH $(STORE)) $(if $(CODEC),DISTILL.CACHE.CODEC $(CODEC))
+
+.PHONY: setup data teacher cache-teacher train-student baseline sweep demo test bench clean
+
+setup: .venv/.setup-done
+.venv/.setup-done: requirements.txt scripts/setup.sh
+	bash scripts/setup.sh
+
+data: setup
+	$(PY) -m pipeline.embedded_data --variant $(VARIANT)
+
+teacher: data
+	$(PY) -m pipeline.train_teacher --config-file $(TEACHER_CFG) $(OPTS)
+
+cache-teacher: teacher
+	$(PY) -m pipeline.cache_teacher --config-file $(STUDENT_CFG) $(if $(OVERWRITE),--overwrite) $(STORE_OPTS) $(OPTS)
+
+train-student: cache-teacher
+	$(PY) -m pipeline.train_student --config-file $(STUDENT_CFG) DISTILL.DISTILL $(METHOD) DISTILL.B $(B) \
+	  OUTPUT_DIR output/embedded/student/$(METHOD) $(if $(ITERS),SOLVER.MAX_ITER $(ITERS)) $(STORE_OPTS) $(OPTS)
+
+baseline: data
+	$(PY) -m pipeline.train_student --config-file $(STUDENT_CFG) DISTILL.ENABLE False \
+	  OUTPUT_DIR output/embedded/student/baseline $(if $(ITERS),SOLVER.MAX_ITER $(ITERS)) $(OPTS)
+
+demo: setup
+	$(PY) -m pipeline.demo $(if $(ITERS),--iters $(ITERS)) --method $(METHOD) --b $(B)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf output

@@ -1,0 +1,45 @@
+"""Train the embedded R101-FPN teacher once with detectron2's trainer, then evaluate it on val.
+
+Skips when the checkpoint exists (pass --force to retrain). Writes `model_final.pth` and
+`teacher_metrics.json` (val AP, training time) to the config's OUTPUT_DIR.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from pipeline import compat  # noqa: F401  (before detectron2)
+from pipeline.trainer import Trainer, bbox_metrics, setup, write_json
+from detectron2.engine import default_argument_parser
+
+logger = logging.getLogger("pipeline.train_teacher")
+
+
+def main(args) -> dict:
+    cfg = setup(args)
+    out = Path(cfg.OUTPUT_DIR)
+    final, metrics_file = out / "model_final.pth", out / "teacher_metrics.json"
+    if final.exists() and metrics_file.exists() and not args.force:
+        metrics = json.loads(metrics_file.read_text())
+        print(f"teacher: {final} exists (box AP {metrics['bbox'].get('AP', float('nan')):.2f}); --force retrains")
+        return metrics
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    bbox = bbox_metrics(getattr(trainer, "_last_eval_results", {}))
+    metrics = {"bbox": bbox, "train_seconds": round(seconds, 1), "iterations": cfg.SOLVER.MAX_ITER,
+               "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "config": args.config_file, "weights": str(final)}
+    write_json(metrics_file, metrics)
+    print(f"teacher: trained {cfg.SOLVER.MAX_ITER} iterations in {seconds / 60:.1f} min; val box AP {bbox.get('AP', float('nan')):.2f} "
+          f"AP50 {bbox.get('AP50', float('nan')):.2f} -> {final}")
+    return metrics
+
+
+if __name__ == "__main__":
+    parser = default_argument_parser()
+    parser.add_argument("--force", action="store_true", help="retrain even when the checkpoint exists")
+    main(parser.parse_args())

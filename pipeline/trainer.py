@@ -1,0 +1,55 @@
+"""detectron2's DefaultTrainer and default_setup, shared by the teacher and student entry points."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pipeline import compat  # noqa: F401  (before detectron2)
+from pipeline import datasets
+from pipeline.config import get_distill_cfg
+from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.evaluation import COCOEvaluator
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer that evaluates with the pure-Python COCO API (no compiled detectron2._C needed)."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
+
+
+def setup(args):
+    """Config from --config-file and KEY VALUE opts, datasets registered, detectron2's logging set up."""
+    cfg = get_distill_cfg(args.config_file, args.opts)
+    datasets.register_from_cfg(cfg)
+    if not cfg.MODEL.DEVICE.startswith("cuda") or not _cuda_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def bbox_metrics(results: dict) -> dict:
+    """The bbox task's AP figures of an evaluation result (empty when there was no evaluation)."""
+    for value in (results or {}).values():
+        if isinstance(value, dict) and "AP" in value:
+            return {k: float(v) for k, v in value.items()}
+    return {k: float(v) for k, v in (results or {}).get("bbox", {}).items()}
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Write JSON through a temp file, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
