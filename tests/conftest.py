@@ -25,6 +25,7 @@ BASE = REPO / "configs" / "embedded" / "Base-Embedded-FPN.yaml"
 TINY_MODEL = """
 MODEL:
   DEVICE: "cpu"
+  META_ARCHITECTURE: "{meta}"
   RESNETS:
     DEPTH: 18
     RES2_OUT_CHANNELS: 64
@@ -56,8 +57,8 @@ def tiny_data() -> Path:
     return root
 
 
-def write_tiny_config(path: Path, fpn_channels: int = 64, extra: str = "") -> Path:
-    path.write_text(f'_BASE_: "{BASE}"\n' + TINY_MODEL.format(fpn=fpn_channels) + extra)
+def write_tiny_config(path: Path, fpn_channels: int = 64, meta: str = "GeneralizedRCNN") -> Path:
+    path.write_text(f'_BASE_: "{BASE}"\n' + TINY_MODEL.format(fpn=fpn_channels, meta=meta))
     return path
 
 
@@ -76,17 +77,30 @@ def tiny_teacher(tmp_path_factory, tiny_data) -> dict:
     return {"cfg": str(cfg_file), "weights": str(root / "model_final.pth"), "dir": root}
 
 
-@pytest.fixture()
-def student_cfg(tmp_path, tiny_teacher):
-    """Build a frozen student config (R18-FPN) distilling from the tiny teacher; overrides as KEY VALUE pairs."""
+def make_student_cfg(root: Path, teacher: dict, *opts, fpn_channels: int = 64):
+    """A student config (R18-FPN, DistillRCNN) distilling from `teacher`, its store and output under root."""
     from pipeline.config import get_distill_cfg
 
-    def make(*opts, fpn_channels: int = 64):
-        cfg_file = write_tiny_config(tmp_path / f"student_{fpn_channels}.yaml", fpn_channels,
-                                     'MODEL:\n  META_ARCHITECTURE: "DistillRCNN"\n')
-        base = ["DISTILL.ENABLE", True, "DISTILL.CFG_T", tiny_teacher["cfg"], "DISTILL.PATH_T", tiny_teacher["weights"],
-                "DISTILL.CACHE.PATH", str(tmp_path / "store.zarr"), "DISTILL.CACHE.SHARD_IMAGES", 4,
-                "OUTPUT_DIR", str(tmp_path / "out")]
-        return get_distill_cfg(str(cfg_file), base + list(opts))
+    root.mkdir(parents=True, exist_ok=True)
+    cfg_file = write_tiny_config(root / f"student_{fpn_channels}.yaml", fpn_channels, "DistillRCNN")
+    base = ["DISTILL.ENABLE", True, "DISTILL.CFG_T", teacher["cfg"], "DISTILL.PATH_T", teacher["weights"],
+            "DISTILL.CACHE.PATH", str(root / "store.zarr"), "DISTILL.CACHE.SHARD_IMAGES", 4,
+            "OUTPUT_DIR", str(root / "out")]
+    return get_distill_cfg(str(cfg_file), base + list(opts))
 
-    return make
+
+@pytest.fixture()
+def student_cfg(tmp_path, tiny_teacher):
+    """make(*KEY VALUE overrides, fpn_channels=64) -> a student config under this test's tmp_path."""
+    return lambda *opts, fpn_channels=64: make_student_cfg(tmp_path, tiny_teacher, *opts, fpn_channels=fpn_channels)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, tiny_teacher) -> dict:
+    """An fp16 store of the tiny teacher over embedded_tiny_train, built once by stage one."""
+    from pipeline.cache_teacher import cache_teacher
+
+    root = tmp_path_factory.mktemp("store_fp16")
+    cfg = make_student_cfg(root, tiny_teacher)
+    summary = cache_teacher(cfg)
+    return {"cfg": cfg, "path": cfg.DISTILL.CACHE.PATH, "summary": summary, "root": root}

@@ -1,0 +1,40 @@
+"""Teacher feature store: FPN features computed once, stored as a chunked, compressed zarr v3 group.
+
+The format is specified in docs/store-format.md. This package is pure numpy/zarr/torch (no detectron2).
+"""
+
+from cache.codecs import CODECS, get_codec
+from cache.format import (
+    FLIP_OPTIONS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    NotAFeatureStoreError,
+    StoreEntryError,
+    StoreLayout,
+    StoreMismatchError,
+    diff_fingerprints,
+    fingerprint_sha256,
+)
+from cache.reader import TeacherFeatureStore
+from cache.verify import VerifyReport, verify_store
+from cache.writer import BackgroundShardWriter, ImageEntry, TeacherFeatureWriter
+
+__all__ = [
+    "BackgroundShardWriter",
+    "CODECS",
+    "FLIP_OPTIONS",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "ImageEntry",
+    "NotAFeatureStoreError",
+    "StoreEntryError",
+    "StoreLayout",
+    "StoreMismatchError",
+    "TeacherFeatureStore",
+    "TeacherFeatureWriter",
+    "VerifyReport",
+    "diff_fingerprints",
+    "fingerprint_sha256",
+    "get_codec",
+    "verify_store",
+]

@@ -1,0 +1,96 @@
+"""Command line: `python -m cache info STORE [--json]` and `python -m cache verify STORE`.
+
+Exit codes: 0 fine; 1 verify found damaged entries or store problems; 2 the path is not a store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cache.format import NotAFeatureStoreError
+
+
+def _human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def _info_table(info: dict) -> str:
+    ratio = f"{info['ratio_vs_fp32']:.2f}x smaller" if info["ratio_vs_fp32"] else "-"
+    rows = [
+        ("store", info["path"]),
+        ("dataset", info["dataset"]),
+        ("codec", info["codec"]),
+        ("flip", info["flip"]),
+        ("levels", ", ".join(info["levels"])),
+        ("images", f"{info['images_done']} done, {info['images_failed']} unreadable, "
+                   f"{info['images_pending']} pending, {info['images_total']} total"),
+        ("on disk", f"{_human_bytes(info['bytes_on_disk'])} ({_human_bytes(info['bytes_per_image'])} per done image)"),
+        ("vs float32", f"{ratio} (raw {_human_bytes(info['raw_fp32_bytes'])})"),
+        ("fingerprint", info["fingerprint_sha256"]),
+        ("created", info["created"] or "-"),
+        ("finalized", "yes" if info["finalized"] else "no"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from cache.reader import TeacherFeatureStore
+
+    info = TeacherFeatureStore(args.store).info()
+    print(json.dumps(info, indent=2) if args.json else _info_table(info))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from cache.verify import verify_store
+
+    report = verify_store(args.store, progress=not args.quiet)
+    for problem in report.problems:
+        print(f"store problem: {problem}")
+    for image_id, reason in report.bad:
+        print(f"bad image {image_id}: {reason}")
+    print(
+        f"{report.ok} entries intact, {len(report.bad)} bad, {report.failed} recorded unreadable, "
+        f"{report.pending} not written"
+    )
+    if report.pending:
+        print(f"note: {report.pending} images are not written yet; resume the writer to complete the store")
+    if not report.intact:
+        return 1
+    if args.require_complete and not report.complete:
+        return 1
+    print("store is intact")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cache", description="Inspect and check a teacher feature store.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="summary of a store: counts, bytes on disk, compression ratio")
+    info.add_argument("store", help="path of the store directory")
+    info.add_argument("--json", action="store_true", help="print the summary as JSON")
+    info.set_defaults(run=_cmd_info)
+    verify = commands.add_parser("verify", help="decode every committed entry and check it")
+    verify.add_argument("store", help="path of the store directory")
+    verify.add_argument("--quiet", action="store_true", help="no progress bar")
+    verify.add_argument("--require-complete", action="store_true", help="exit 1 when images are not written yet")
+    verify.set_defaults(run=_cmd_verify)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except NotAFeatureStoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

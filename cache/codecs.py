@@ -1,0 +1,119 @@
+"""Feature codecs: how one image's float32 features of one level and view become stored values and back.
+
+A codec is the pair (numeric encoding done here with numpy, zarr byte codecs applied per inner chunk).
+`fp16` stores half floats; `int8` stores per-channel affine-quantised bytes plus a scale and an offset
+per (image, view, level, channel) in side arrays. The zarr part is built lazily so this module only
+needs numpy to import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+# zstd level for blosc: 5 is blosc's default and a good speed/size trade for features written once.
+BLOSC_CLEVEL = 5
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """Per-channel affine parameters: value = stored * scale + offset, shapes (C,) float32."""
+
+    scale: np.ndarray
+    offset: np.ndarray
+
+
+@dataclass(frozen=True)
+class FeatureCodec:
+    """One codec: stored dtype, numpy encode/decode of a (C, h, w) block, zarr inner codecs."""
+
+    name: str
+    dtype: np.dtype
+    quantised: bool  # True: needs the scale/<level> and offset/<level> side arrays
+    encode_into: Callable[[np.ndarray, np.ndarray], QuantParams | None]  # (float32 x, out of `dtype`)
+    decode: Callable[[np.ndarray, QuantParams | None], np.ndarray]
+    blosc_typesize: int
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, QuantParams | None]:
+        """Stored values (and quantisation parameters) of float32 features (C, h, w)."""
+        out = np.empty(x.shape, dtype=self.dtype)
+        return out, self.encode_into(x, out)
+
+    def zarr_compressors(self) -> list[Any]:
+        """Bytes-to-bytes codecs of each inner chunk: blosc(zstd, bitshuffle) then a crc32c checksum."""
+        from zarr.codecs import BloscCodec, Crc32cCodec
+
+        return [
+            BloscCodec(cname="zstd", clevel=BLOSC_CLEVEL, shuffle="bitshuffle", typesize=self.blosc_typesize),
+            Crc32cCodec(),
+        ]
+
+
+def _non_finite_error(x: np.ndarray) -> ValueError:
+    bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+    return ValueError(f"features contain {bad} non-finite values (NaN/inf); the teacher output is broken")
+
+
+def _encode_fp16_into(x: np.ndarray, out: np.ndarray) -> None:
+    """Cast straight into `out` (the writer's shard block); range is checked on float32 min/max (fast)."""
+    lo, hi = float(x.min()), float(x.max())  # NaN and inf propagate into min/max
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise _non_finite_error(x)
+    if max(-lo, hi) > FP16_MAX:
+        raise ValueError(
+            f"features exceed the float16 range (max |x| = {max(-lo, hi):.4g} > {FP16_MAX:g}); "
+            "use codec 'int8', which has no range limit"
+        )
+    np.copyto(out, x, casting="unsafe")
+    return None
+
+
+def _decode_fp16(stored: np.ndarray, params: QuantParams | None = None) -> np.ndarray:
+    return stored.astype(np.float32)
+
+
+def _encode_int8_into(x: np.ndarray, out: np.ndarray) -> QuantParams:
+    """Per-channel min/max quantisation to 0..255; max abs error is scale / 2 per channel."""
+    channels = x.shape[0]
+    flat = x.reshape(channels, -1)
+    if flat.shape[1] == 0:
+        raise ValueError(f"cannot quantise empty features of shape {x.shape}")
+    lo = flat.min(axis=1).astype(np.float32)
+    hi = flat.max(axis=1).astype(np.float32)
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):  # min/max propagate NaN and inf
+        raise _non_finite_error(x)
+    scale = ((hi.astype(np.float64) - lo) / 255.0).astype(np.float32)
+    scale[~(scale > 0)] = 1.0  # constant channel (or a span below float32 resolution)
+    # float32 arithmetic (in place, one temporary): rounding error is ~1e-5 of a step, far below scale / 2.
+    q = np.subtract(x, lo[:, None, None], dtype=np.float32)
+    q /= scale[:, None, None]
+    np.rint(q, out=q)
+    np.clip(q, 0, 255, out=q)
+    np.copyto(out, q, casting="unsafe")
+    return QuantParams(scale=scale, offset=lo)
+
+
+def _decode_int8(stored: np.ndarray, params: QuantParams | None) -> np.ndarray:
+    if params is None:
+        raise ValueError("int8 features need their scale and offset to decode")
+    out = stored.astype(np.float32)
+    out *= np.asarray(params.scale, dtype=np.float32)[:, None, None]
+    out += np.asarray(params.offset, dtype=np.float32)[:, None, None]
+    return out
+
+
+CODECS: dict[str, FeatureCodec] = {
+    "fp16": FeatureCodec("fp16", np.dtype(np.float16), False, _encode_fp16_into, _decode_fp16, blosc_typesize=2),
+    "int8": FeatureCodec("int8", np.dtype(np.uint8), True, _encode_int8_into, _decode_int8, blosc_typesize=1),
+}
+
+
+def get_codec(name: str) -> FeatureCodec:
+    """The codec called `name`; a ValueError lists the known names otherwise."""
+    try:
+        return CODECS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown feature codec {name!r}; known codecs: {', '.join(sorted(CODECS))}") from None

@@ -1,0 +1,228 @@
+"""The store's layout, fingerprint helpers and errors: what both the writer and the reader agree on.
+
+Everything here is pure Python (no zarr), so the format can be reasoned about and tested on its own.
+docs/store-format.md is the authoritative description; this module implements it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from cache.codecs import CODECS
+
+FORMAT_NAME = "teacher-feature-store"
+FORMAT_VERSION = 1
+FLIP_OPTIONS = ("none", "mirror", "stored")
+
+# Status values of the per-image `status` array; a row is done only when its status is nonzero.
+STATUS_PENDING = 0
+STATUS_COMMITTED = 1
+STATUS_UNREADABLE = 2
+
+# Per-image side arrays, each of length N (rows) and chunked by shard.
+IMAGE_ID = "image_id"
+ORIG_HW = "orig_hw"
+RESIZED_HW = "resized_hw"
+PADDED_HW = "padded_hw"
+ERROR = "error"
+STATUS = "status"
+SIZE_ARRAYS = (ORIG_HW, RESIZED_HW, PADDED_HW)
+
+
+def features_array(level: str) -> str:
+    return f"features/{level}"
+
+
+def scale_array(level: str) -> str:
+    return f"scale/{level}"
+
+
+def offset_array(level: str) -> str:
+    return f"offset/{level}"
+
+
+# The layout fields stored as group attributes; a resume compares exactly these.
+_LAYOUT_FIELDS = ("levels", "strides", "channels", "codec", "flip", "max_hw", "shard_images", "tile")
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Shape of a store: which levels, how large, how compressed, how split into shards.
+
+    `max_hw` is the largest padded network input in pixels; every level array is sized for it.
+    """
+
+    levels: tuple[str, ...]
+    strides: tuple[int, ...]
+    channels: int
+    codec: str
+    flip: str
+    max_hw: tuple[int, int]
+    shard_images: int = 16
+    tile: int = 64
+
+    def __post_init__(self) -> None:
+        # Normalise lists (e.g. from JSON or YAML) to tuples so layouts compare and hash by value.
+        object.__setattr__(self, "levels", tuple(str(level) for level in self.levels))
+        object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
+        object.__setattr__(self, "max_hw", tuple(int(v) for v in self.max_hw))
+        if not self.levels or len(self.levels) != len(self.strides):
+            raise ValueError(
+                f"levels {self.levels} and strides {self.strides} must be non-empty and of equal length"
+            )
+        if len(set(self.levels)) != len(self.levels) or any("/" in lv for lv in self.levels):
+            raise ValueError(f"level names must be unique and contain no '/', got {self.levels}")
+        if any(s <= 0 for s in self.strides):
+            raise ValueError(f"strides must be positive, got {self.strides}")
+        if self.codec not in CODECS:
+            raise ValueError(f"unknown codec {self.codec!r}; choose one of {sorted(CODECS)}")
+        if self.flip not in FLIP_OPTIONS:
+            raise ValueError(f"unknown flip option {self.flip!r}; choose one of {FLIP_OPTIONS}")
+        if len(self.max_hw) != 2 or min(self.max_hw) <= 0:
+            raise ValueError(f"max_hw must be two positive pixel sizes (h, w), got {self.max_hw}")
+        for name in ("channels", "shard_images", "tile"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, int(getattr(self, name)))
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """Stored views: the flipped image gets its own view only when flip == "stored"."""
+        return ("orig", "hflip") if self.flip == "stored" else ("orig",)
+
+    def stride(self, level: str) -> int:
+        try:
+            return self.strides[self.levels.index(level)]
+        except ValueError:
+            raise KeyError(f"unknown level {level!r}; this store has levels {self.levels}") from None
+
+    def tile_hw(self, level: str) -> tuple[int, int]:
+        """Inner chunk height and width: the tile option, or the whole level when it is smaller."""
+        stride = self.stride(level)
+        max_h, max_w = (math.ceil(v / stride) for v in self.max_hw)
+        return min(self.tile, max_h), min(self.tile, max_w)
+
+    def level_shape(self, level: str) -> tuple[int, int]:
+        """(Hl, Wl) of the level array: its largest size rounded up to whole tiles."""
+        stride = self.stride(level)
+        tile_h, tile_w = self.tile_hw(level)
+        max_h, max_w = (math.ceil(v / stride) for v in self.max_hw)
+        return _round_up(max_h, tile_h), _round_up(max_w, tile_w)
+
+    def valid_hw(self, level: str, resized_hw: tuple[int, int]) -> tuple[int, int]:
+        """Size of an image's features at a level: ceil(resized / stride), the part not made of padding."""
+        stride = self.stride(level)
+        return math.ceil(int(resized_hw[0]) / stride), math.ceil(int(resized_hw[1]) / stride)
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The layout as JSON-ready group attributes (plus the derived `views`)."""
+        return {
+            "levels": list(self.levels),
+            "strides": list(self.strides),
+            "channels": self.channels,
+            "codec": self.codec,
+            "flip": self.flip,
+            "views": list(self.views),
+            "max_hw": list(self.max_hw),
+            "shard_images": self.shard_images,
+            "tile": self.tile,
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> "StoreLayout":
+        missing = [k for k in _LAYOUT_FIELDS if k not in attrs]
+        if missing:
+            raise ValueError(f"store attributes lack layout fields {missing}")
+        return cls(**{k: attrs[k] for k in _LAYOUT_FIELDS})
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no spaces: the form that is hashed."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def json_normalised(value: Any) -> Any:
+    """`value` as it reads back from JSON attributes (tuples become lists, keys become strings)."""
+    return json.loads(canonical_json(value))
+
+
+def fingerprint_sha256(fp: dict) -> str:
+    """sha256 (hex) of the fingerprint's canonical JSON."""
+    return hashlib.sha256(canonical_json(fp).encode("utf-8")).hexdigest()
+
+
+_MISSING = "<missing>"
+
+
+def diff_fingerprints(expected: dict, actual: dict) -> list[str]:
+    """One line "field: store has X, expected Y" per differing key, recursing into dicts (dotted names)."""
+    lines: list[str] = []
+    _diff_into(json_normalised(expected), json_normalised(actual), "", lines)
+    return lines
+
+
+def _diff_into(expected: Any, actual: Any, prefix: str, lines: list[str]) -> None:
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        for key in sorted(set(expected) | set(actual)):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            _diff_into(expected.get(key, _MISSING), actual.get(key, _MISSING), name, lines)
+    elif expected != actual:
+        lines.append(f"{prefix or '<root>'}: store has {_short(actual)}, expected {_short(expected)}")
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = value if value is _MISSING else json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class StoreMismatchError(ValueError):
+    """An existing store was built with other settings than the ones asked for.
+
+    StoreMismatchError(path, differences) builds the message from the differing fields;
+    StoreMismatchError(message) takes a ready message (also how DataLoader workers re-raise it).
+    """
+
+    def __init__(self, path: str, differences: list[str] | None = None, hint: str | None = None) -> None:
+        self.differences = list(differences or [])
+        if differences is None:
+            self.path = None
+            super().__init__(str(path))
+            return
+        self.path = str(path)
+        hint = hint or "Pass overwrite=True to rebuild the store, or use another path for these settings."
+        listed = "\n".join(f"  - {line}" for line in self.differences)
+        super().__init__(f"feature store {self.path} does not match the requested settings:\n{listed}\n{hint}")
+
+
+class StoreEntryError(KeyError):
+    """An image's features cannot be served: not written, unreadable at write time, or damaged.
+
+    Built with a single message argument too, so DataLoader workers can re-raise it in the parent.
+    """
+
+    def __init__(self, message: str, *, image_id: int | None = None, path: str | None = None,
+                 reason: str | None = None) -> None:
+        super().__init__(message)
+        self.image_id = image_id
+        self.path = path
+        self.reason = reason
+
+    @classmethod
+    def for_entry(cls, image_id: int, path: str, reason: str) -> "StoreEntryError":
+        return cls(f"image {image_id} in feature store {path}: {reason}", image_id=image_id, path=path,
+                   reason=reason)
+
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+class NotAFeatureStoreError(ValueError):
+    """The path holds no teacher feature store (or one of an unsupported format version)."""

@@ -1,0 +1,373 @@
+"""Reading a store: one image's features per call, safe to use from forked DataLoader workers.
+
+Per-image metadata (ids, sizes, status) is loaded once when the store is opened and travels with the
+object into workers; zarr arrays are (re)opened lazily in each process, because zarr 3 runs its I/O on
+an asyncio loop thread that does not survive a fork.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import operator
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from cache.codecs import QuantParams, get_codec
+from cache.format import (
+    ERROR,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    IMAGE_ID,
+    ORIG_HW,
+    PADDED_HW,
+    RESIZED_HW,
+    STATUS,
+    STATUS_COMMITTED,
+    STATUS_PENDING,
+    STATUS_UNREADABLE,
+    NotAFeatureStoreError,
+    StoreEntryError,
+    StoreLayout,
+    StoreMismatchError,
+    diff_fingerprints,
+    features_array,
+    fingerprint_sha256,
+    offset_array,
+    scale_array,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+
+def read_group_attrs(path: str) -> dict | None:
+    """Attributes of the zarr group at `path`, read from its zarr.json; None when there is none.
+
+    A zarr.json that is not a v3 group gives {} (no `format`), which callers treat as "not a store".
+    """
+    meta_path = os.path.join(os.fspath(path), "zarr.json")
+    if not os.path.isfile(meta_path):
+        return None
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(meta, dict) or meta.get("node_type") != "group" or meta.get("zarr_format") != 3:
+        return {}
+    attrs = meta.get("attributes", {})
+    return attrs if isinstance(attrs, dict) else {}
+
+
+def check_store_attrs(path: str, attrs: dict | None) -> None:
+    """Raise NotAFeatureStoreError unless `attrs` belong to a fully created store of this format version."""
+    if attrs is None:
+        raise NotAFeatureStoreError(f"{path} is not a teacher feature store: no zarr.json there")
+    if attrs.get("format") != FORMAT_NAME:
+        raise NotAFeatureStoreError(
+            f"{path} is not a teacher feature store: its format attribute is {attrs.get('format')!r}, "
+            f"expected {FORMAT_NAME!r}"
+        )
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise NotAFeatureStoreError(
+            f"{path} has store format version {attrs.get('format_version')!r}; this code reads version "
+            f"{FORMAT_VERSION}. Rebuild the store or use matching code."
+        )
+    if "created" not in attrs:
+        raise NotAFeatureStoreError(
+            f"{path}: store creation was interrupted (no `created` attribute); run the writer again, "
+            "it recreates the store"
+        )
+
+
+class TeacherFeatureStore:
+    """Read-only access to a teacher feature store, one image at a time.
+
+    `image_id in store` is True when the image has features to serve (status 1, side data intact).
+    The status snapshot is taken at open; call `refresh()` to see shards committed since.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = os.fspath(path)
+        attrs = read_group_attrs(self.path)
+        check_store_attrs(self.path, attrs)
+        self.attrs: dict = attrs
+        self.layout = StoreLayout.from_attrs(attrs)
+        self.codec = get_codec(self.layout.codec)
+        self.fingerprint: dict = attrs.get("fingerprint", {})
+        self.dataset: str = attrs.get("dataset", "")
+        self._pid: int | None = None
+        self._group: zarr.Group | None = None
+        self._arrays: dict[str, zarr.Array] = {}
+        ids, damaged = self._load_side_array(IMAGE_ID)
+        if damaged:
+            raise RuntimeError(
+                f"feature store {self.path}: the image_id array is damaged ({next(iter(damaged.values()))}); "
+                "rows cannot be matched to images. Rebuild the store."
+            )
+        self.image_ids: np.ndarray = ids.astype(np.int64)
+        self._row_of = {int(image_id): row for row, image_id in enumerate(self.image_ids.tolist())}
+        self.refresh()
+
+    # ----------------------------------------------------------------- metadata
+
+    def refresh(self) -> None:
+        """Reload attributes, statuses and sizes (a writer may have committed shards since opening)."""
+        self.attrs = read_group_attrs(self.path) or self.attrs
+        damaged: dict[int, str] = {}
+        loaded = {}
+        for name in (STATUS, ORIG_HW, RESIZED_HW, PADDED_HW):
+            loaded[name], bad = self._load_side_array(name)
+            for row, reason in bad.items():
+                damaged.setdefault(row, reason)
+        self._status = loaded[STATUS].astype(np.uint8)
+        self._orig_hw, self._resized_hw, self._padded_hw = (loaded[n].astype(np.int64) for n in (ORIG_HW, RESIZED_HW, PADDED_HW))
+        self._damaged = damaged
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __contains__(self, image_id: object) -> bool:
+        try:
+            row = self._row_of.get(operator.index(image_id))  # ints, numpy ints, 0-d integer tensors
+        except TypeError:
+            return False
+        return row is not None and self._status[row] == STATUS_COMMITTED and row not in self._damaged
+
+    def row(self, image_id: int) -> int:
+        """Row of `image_id`; KeyError (StoreEntryError) when the store has no such image."""
+        try:
+            return self._row_of[int(image_id)]
+        except KeyError:
+            raise StoreEntryError.for_entry(
+                int(image_id), self.path, f"not in this store (dataset {self.dataset!r}, {len(self)} images)"
+            ) from None
+
+    def sizes(self, image_id: int) -> dict[str, Any]:
+        row = self.row(image_id)
+        return {
+            "orig_hw": tuple(int(v) for v in self._orig_hw[row]),
+            "resized_hw": tuple(int(v) for v in self._resized_hw[row]),
+            "padded_hw": tuple(int(v) for v in self._padded_hw[row]),
+            "status": int(self._status[row]),
+        }
+
+    def check_fingerprint(self, expected: dict) -> None:
+        """Raise StoreMismatchError listing every fingerprint field in which the store differs."""
+        lines = [f"fingerprint.{line}" for line in diff_fingerprints(expected, self.fingerprint)]
+        if lines:
+            raise StoreMismatchError(
+                self.path, lines,
+                hint="The teacher features were computed with other settings; rebuild the store for this config.",
+            )
+
+    # ----------------------------------------------------------------- features
+
+    def read(self, image_id: int, flip: bool = False) -> dict[str, torch.Tensor]:
+        """Features of one image: level -> float32 (C, h_l, w_l), cropped to the valid size.
+
+        flip=True serves the horizontally flipped image: the stored "hflip" view, or the mirrored
+        "orig" view when the store was written with flip="mirror".
+        """
+        import torch  # here, not at module level: the CLI and verify need no torch (saves ~2 s per start)
+
+        row = self.row(image_id)
+        view = self._view_index(flip)
+        result = self._read_rows([(row, view)])[0]
+        if isinstance(result, BaseException):
+            raise result
+        tensors = {level: torch.from_numpy(x) for level, x in result.items()}
+        if flip and self.layout.flip == "mirror":
+            tensors = {level: torch.flip(t, dims=[-1]) for level, t in tensors.items()}
+        return tensors
+
+    def _view_index(self, flip: bool) -> int:
+        if not flip:
+            return 0
+        if self.layout.flip == "none":
+            raise ValueError(
+                f"feature store {self.path} was written with flip='none' and holds no features of flipped "
+                "images; turn off horizontal-flip augmentation for distilled images, or rebuild the store "
+                "with flip='mirror' or 'stored'"
+            )
+        return self.layout.views.index("hflip") if self.layout.flip == "stored" else 0
+
+    def _entry_problem(self, row: int) -> str | None:
+        """Why a row cannot be served, from the metadata alone; None when it can."""
+        if row in self._damaged:
+            return self._damaged[row]
+        status = int(self._status[row])
+        if status == STATUS_COMMITTED:
+            return None
+        if status == STATUS_PENDING:
+            return "not written yet (status 0: its shard was never committed); resume the feature writer"
+        if status == STATUS_UNREADABLE:
+            return f"the image was unreadable when the store was written: {self._error_reason(row)}"
+        return f"invalid status value {status} (expected 0, 1 or 2); the store is damaged"
+
+    def _error_reason(self, row: int) -> str:
+        try:
+            return str(self._array(ERROR)[row]) or "no reason recorded"
+        except Exception as exc:  # noqa: BLE001 - a damaged reason must not hide the status
+            return f"reason unavailable ({type(exc).__name__}: {exc})"
+
+    def _read_rows(self, requests: list[tuple[int, int]]) -> list[dict[str, np.ndarray] | StoreEntryError]:
+        """Decoded features for each (row, view), or the StoreEntryError explaining why not.
+
+        All arrays of all requests are fetched in one batch of concurrent zarr reads.
+        """
+        out: list[Any] = [None] * len(requests)
+        fetch = []
+        for i, (row, view) in enumerate(requests):
+            problem = self._entry_problem(row)
+            if problem is not None:
+                out[i] = StoreEntryError.for_entry(int(self.image_ids[row]), self.path, problem)
+            else:
+                fetch.append(i)
+        if fetch:
+            self._ensure_open()
+            fetched = sync(_gather([self._fetch(*requests[i]) for i in fetch]))
+            for i, arrays in zip(fetch, fetched):
+                out[i] = self._decode(requests[i][0], arrays)
+        return out
+
+    async def _fetch(self, row: int, view: int) -> dict[str, Any]:
+        """Raw stored arrays (or the exception each read raised) for one (row, view), keyed by array name."""
+        selections: dict[str, tuple] = {}
+        resized = self._resized_hw[row]
+        for level in self.layout.levels:
+            h, w = self.layout.valid_hw(level, resized)
+            selections[features_array(level)] = (row, view, slice(None), slice(0, h), slice(0, w))
+            if self.codec.quantised:
+                selections[scale_array(level)] = (row, view)
+                selections[offset_array(level)] = (row, view)
+        results = await asyncio.gather(
+            *(self._arrays[name].async_array.getitem(sel) for name, sel in selections.items()),
+            return_exceptions=True,
+        )
+        return dict(zip(selections, results))
+
+    def _decode(self, row: int, arrays: dict[str, Any]) -> dict[str, np.ndarray] | StoreEntryError:
+        image_id = int(self.image_ids[row])
+        for name, value in arrays.items():
+            if isinstance(value, BaseException):
+                return StoreEntryError.for_entry(
+                    image_id, self.path,
+                    f"damaged data in {name} (checksum or decoding failed: {type(value).__name__}: {value}); "
+                    f"run `python -m cache verify {self.path}` and rewrite the store",
+                )
+        decoded = {}
+        for level in self.layout.levels:
+            stored = np.asarray(arrays[features_array(level)])
+            params = None
+            if self.codec.quantised:
+                params = QuantParams(np.asarray(arrays[scale_array(level)]), np.asarray(arrays[offset_array(level)]))
+            decoded[level] = self.codec.decode(stored, params)
+        return decoded
+
+    # ----------------------------------------------------------------- zarr handles
+
+    def _ensure_open(self) -> None:
+        """(Re)open zarr handles in this process; objects made before a fork are never reused."""
+        if self._pid != os.getpid():
+            self._group = zarr.open_group(store=self.path, mode="r")
+            self._arrays = {}
+            names = [features_array(lv) for lv in self.layout.levels]
+            if self.codec.quantised:
+                names += [f(lv) for lv in self.layout.levels for f in (scale_array, offset_array)]
+            for name in names:
+                self._arrays[name] = self._group[name]
+            self._pid = os.getpid()
+
+    def _array(self, name: str) -> zarr.Array:
+        self._ensure_open()
+        if name not in self._arrays:
+            self._arrays[name] = self._group[name]
+        return self._arrays[name]
+
+    def _load_side_array(self, name: str) -> tuple[np.ndarray, dict[int, str]]:
+        try:
+            arr = self._array(name)
+        except KeyError:
+            raise NotAFeatureStoreError(f"feature store {self.path} lacks the {name!r} array; it is damaged") from None
+        return load_rows_tolerant(arr, name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # For spawn-based DataLoader workers: ship the metadata, never zarr handles.
+        state = self.__dict__.copy()
+        state.update(_pid=None, _group=None, _arrays={})
+        return state
+
+    # ----------------------------------------------------------------- summary
+
+    def info(self) -> dict[str, Any]:
+        """Counts, sizes on disk and the compression ratio against raw float32 features."""
+        status = self._status
+        done = status == STATUS_COMMITTED
+        raw = 0
+        views = len(self.layout.views)
+        for level, stride in zip(self.layout.levels, self.layout.strides):
+            h = np.ceil(self._resized_hw[done, 0] / stride)
+            w = np.ceil(self._resized_hw[done, 1] / stride)
+            raw += int(np.sum(h * w)) * self.layout.channels * 4 * views
+        on_disk = _directory_bytes(self.path)
+        images_done = int(np.count_nonzero(done))
+        return {
+            "path": self.path,
+            "dataset": self.dataset,
+            "codec": self.layout.codec,
+            "levels": list(self.layout.levels),
+            "flip": self.layout.flip,
+            "images_total": len(self),
+            "images_done": images_done,
+            "images_failed": int(np.count_nonzero(status == STATUS_UNREADABLE)),
+            "images_pending": int(np.count_nonzero(status == STATUS_PENDING)),
+            "bytes_on_disk": on_disk,
+            "bytes_per_image": (on_disk / images_done) if images_done else None,
+            "raw_fp32_bytes": raw,
+            "ratio_vs_fp32": (raw / on_disk) if on_disk else None,
+            "fingerprint_sha256": self.attrs.get("fingerprint_sha256") or fingerprint_sha256(self.fingerprint),
+            "created": self.attrs.get("created"),
+            "finalized": "failed" in self.attrs,
+        }
+
+
+def load_rows_tolerant(arr: zarr.Array, name: str) -> tuple[np.ndarray, dict[int, str]]:
+    """A whole per-image array, and {row: reason} for rows whose chunk fails its checksum (left as 0)."""
+    try:
+        return np.asarray(arr[:]), {}
+    except Exception:  # noqa: BLE001 - locate the damaged chunks below
+        pass
+    values = np.zeros(arr.shape, dtype=arr.dtype)
+    damaged: dict[int, str] = {}
+    step = arr.chunks[0]
+    for start in range(0, arr.shape[0], step):
+        stop = min(start + step, arr.shape[0])
+        try:
+            values[start:stop] = arr[start:stop]
+        except Exception as exc:  # noqa: BLE001
+            for row in range(start, stop):
+                damaged[row] = f"damaged {name} chunk for rows {start}..{stop - 1} ({type(exc).__name__}: {exc})"
+    return values, damaged
+
+
+async def _gather(coroutines: list) -> list:
+    # gather must run inside zarr's loop (sync() runs this coroutine there), not in the caller's thread.
+    return await asyncio.gather(*coroutines)
+
+
+def _directory_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass  # removed while walking (a temporary file of a running writer)
+    return total
+

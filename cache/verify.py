@@ -1,0 +1,200 @@
+"""Full integrity check of a store: attributes, array shapes, statuses, and every committed entry decoded.
+
+Checksums catch flipped bits and torn objects; verify also catches what checksums cannot: missing shard
+objects (zarr would silently read them as zeros), sizes outside the layout, and non-finite values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+from zarr.core.sync import sync
+
+from cache.format import (
+    ERROR,
+    IMAGE_ID,
+    ORIG_HW,
+    PADDED_HW,
+    RESIZED_HW,
+    STATUS,
+    STATUS_COMMITTED,
+    STATUS_PENDING,
+    STATUS_UNREADABLE,
+    StoreEntryError,
+    features_array,
+    fingerprint_sha256,
+    offset_array,
+    scale_array,
+)
+from cache.reader import TeacherFeatureStore
+
+REQUIRED_ATTRS = (
+    "format", "format_version", "levels", "strides", "channels", "codec", "flip", "views", "shard_images",
+    "tile", "max_hw", "dataset", "num_images", "fingerprint", "fingerprint_sha256", "created",
+)
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of verify_store. `bad` lists (image_id, reason) for committed entries that cannot be served."""
+
+    path: str
+    ok: int = 0
+    bad: list[tuple[int, str]] = field(default_factory=list)
+    pending: int = 0  # status 0: not written yet (not damage; resume the writer)
+    failed: int = 0  # status 2: unreadable at write time, recorded with a reason
+    problems: list[str] = field(default_factory=list)  # store-level problems (attributes, array shapes)
+
+    @property
+    def intact(self) -> bool:
+        return not self.bad and not self.problems
+
+    @property
+    def complete(self) -> bool:
+        return self.pending == 0
+
+
+def verify_store(path: str, progress: bool = True) -> VerifyReport:
+    """Read every committed entry (all views) and check it; NotAFeatureStoreError if `path` is no store."""
+    store = TeacherFeatureStore(path)
+    report = VerifyReport(path=store.path)
+    report.problems += _attribute_problems(store)
+    report.problems += _array_problems(store)
+
+    status = store._status
+    bad: dict[int, str] = {}
+    for row, reason in store._damaged.items():
+        bad[row] = reason
+    for row in np.flatnonzero(~np.isin(status, (STATUS_PENDING, STATUS_COMMITTED, STATUS_UNREADABLE))):
+        bad.setdefault(int(row), f"invalid status value {int(status[row])}")
+    for row in np.flatnonzero(status == STATUS_UNREADABLE):
+        if int(row) not in bad and store._error_reason(int(row)) == "no reason recorded":
+            bad[int(row)] = "status 2 (unreadable) without a recorded reason"
+    report.pending = sum(1 for row in np.flatnonzero(status == STATUS_PENDING) if int(row) not in bad)
+    report.failed = int(np.count_nonzero(status == STATUS_UNREADABLE))
+    report.problems += _failed_attr_problems(store, status)
+
+    layout = store.layout
+    shard_size = layout.shard_images
+    num_views = len(layout.views)
+    committed = np.flatnonzero(status == STATUS_COMMITTED)
+    with tqdm(total=len(committed), desc=f"verify {store.path}", unit="img", disable=not progress) as bar:
+        for shard in np.unique(committed // shard_size):
+            in_shard = committed[committed // shard_size == shard]
+            rows = [int(r) for r in in_shard if int(r) not in bad]
+            for row in rows:
+                problem = _size_problem(store, row)
+                if problem:
+                    bad[row] = problem
+            for row, reason in _missing_shard_objects(store, int(shard), rows).items():
+                bad.setdefault(row, reason)
+            requests = [(row, v) for row in rows if row not in bad for v in range(num_views)]
+            for (row, view), result in zip(requests, store._read_rows(requests)):
+                if row in bad:
+                    continue
+                if isinstance(result, StoreEntryError):
+                    bad[row] = f"view {layout.views[view]}: {result.reason}"
+                    continue
+                problem = _content_problem(store, row, result)
+                if problem:
+                    bad[row] = f"view {layout.views[view]}: {problem}"
+            bar.update(len(in_shard))
+
+    report.bad = sorted((int(store.image_ids[row]), reason) for row, reason in bad.items())
+    bad_committed = sum(1 for row in bad if status[row] == STATUS_COMMITTED)
+    report.ok = len(committed) - bad_committed
+    return report
+
+
+def _attribute_problems(store: TeacherFeatureStore) -> list[str]:
+    attrs, layout = store.attrs, store.layout
+    problems = [f"attribute {key!r} is missing" for key in REQUIRED_ATTRS if key not in attrs]
+    if attrs.get("views") is not None and list(attrs["views"]) != list(layout.views):
+        problems.append(f"attribute views is {attrs['views']}, but flip={layout.flip!r} implies {list(layout.views)}")
+    if attrs.get("num_images") != len(store.image_ids):
+        problems.append(f"attribute num_images is {attrs.get('num_images')}, but image_id has {len(store.image_ids)} rows")
+    if "fingerprint_sha256" in attrs and attrs["fingerprint_sha256"] != fingerprint_sha256(store.fingerprint):
+        problems.append("attribute fingerprint_sha256 does not match the sha256 of the fingerprint attribute")
+    if len(np.unique(store.image_ids)) != len(store.image_ids):
+        problems.append("image_id holds repeated ids")
+    return problems
+
+
+def _array_problems(store: TeacherFeatureStore) -> list[str]:
+    layout, n = store.layout, len(store.image_ids)
+    views, channels = len(layout.views), layout.channels
+    expected: dict[str, tuple[tuple[int, ...], str]] = {
+        IMAGE_ID: ((n,), "int64"),
+        STATUS: ((n,), "uint8"),
+        ERROR: ((n,), ""),
+        **{name: ((n, 2), "int32") for name in (ORIG_HW, RESIZED_HW, PADDED_HW)},
+    }
+    for level in layout.levels:
+        expected[features_array(level)] = ((n, views, channels, *layout.level_shape(level)), store.codec.dtype.name)
+        if store.codec.quantised:
+            expected[scale_array(level)] = ((n, views, channels), "float32")
+            expected[offset_array(level)] = ((n, views, channels), "float32")
+    problems = []
+    for name, (shape, dtype) in expected.items():
+        try:
+            arr = store._array(name)
+        except KeyError:
+            problems.append(f"array {name} is missing")
+            continue
+        if tuple(arr.shape) != shape:
+            problems.append(f"array {name} has shape {tuple(arr.shape)}, expected {shape}")
+        if dtype and np.dtype(arr.dtype).name != dtype:
+            problems.append(f"array {name} has dtype {arr.dtype}, expected {dtype}")
+    return problems
+
+
+def _failed_attr_problems(store: TeacherFeatureStore, status: np.ndarray) -> list[str]:
+    if "failed" not in store.attrs:
+        return []  # not finalised yet
+    recorded = set(store.attrs["failed"])
+    actual = {str(int(store.image_ids[r])) for r in np.flatnonzero(status == STATUS_UNREADABLE)}
+    if recorded != actual:
+        return [
+            f"attribute failed lists {len(recorded)} images but {len(actual)} rows have status 2 "
+            f"(only in attribute: {sorted(recorded - actual)[:10]}, only in status: {sorted(actual - recorded)[:10]}); "
+            "finalize the writer again"
+        ]
+    return []
+
+
+def _size_problem(store: TeacherFeatureStore, row: int) -> str | None:
+    max_h, max_w = store.layout.max_hw
+    rh, rw = (int(v) for v in store._resized_hw[row])
+    if not (0 < rh <= max_h and 0 < rw <= max_w):
+        return f"recorded resized size {(rh, rw)} is outside 1..max_hw {store.layout.max_hw}"
+    if min(int(v) for v in store._orig_hw[row]) <= 0:
+        return f"recorded original size {tuple(int(v) for v in store._orig_hw[row])} is not positive"
+    return None
+
+
+def _missing_shard_objects(store: TeacherFeatureStore, shard: int, rows: list[int]) -> dict[int, str]:
+    """Committed rows whose feature shard object is absent (zarr would read it as zeros)."""
+    if not rows:
+        return {}
+    store._ensure_open()
+    group_store = store._group.store
+    for level in store.layout.levels:
+        arr = store._array(features_array(level))
+        for view in range(len(store.layout.views)):
+            key = f"{arr.path}/{arr.metadata.encode_chunk_key((shard, view, 0, 0, 0))}"
+            if not sync(group_store.exists(key)):
+                return {row: f"shard object {key} is missing" for row in rows}
+    return {}
+
+
+def _content_problem(store: TeacherFeatureStore, row: int, decoded: dict[str, np.ndarray]) -> str | None:
+    layout = store.layout
+    for level, x in decoded.items():
+        expected = (layout.channels, *layout.valid_hw(level, store._resized_hw[row]))
+        if x.shape != expected:
+            return f"{level} has shape {x.shape}, expected {expected} from the recorded resized size"
+        if not np.isfinite(x).all():
+            return f"{level} holds non-finite values"
+    return None
