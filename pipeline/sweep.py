@@ -1,0 +1,100 @@
+"""`make sweep`: the baseline and each distillation method trained from one store, then a table and a plot.
+
+The teacher runs once (stage one); every method reads the same store. Results go to
+output/embedded/sweep/: results.md, results.csv, results.png.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.losses import METHODS
+
+# loss_kd weight per method, chosen so that loss_kd starts near the detector's own losses on the
+# embedded default (measured with pipeline.loss_scale); override with --b METHOD=VALUE.
+DEFAULT_B = {"hint": 1.0, "attention": 1.0, "similarity": 1.0, "nst": 1.0, "rkd": 1.0, "pkt": 1.0, "kdsvd": 1.0}
+
+
+def run_student(config: str, out_dir: Path, method: str | None, b: float, iters: int | None, opts: list[str]) -> dict:
+    """Train one student in a fresh process (clean detectron2 state) and return its student_metrics.json."""
+    cmd = [sys.executable, "-m", "pipeline.train_student", "--config-file", config, "OUTPUT_DIR", str(out_dir)]
+    cmd += ["DISTILL.ENABLE", "False"] if method is None else ["DISTILL.DISTILL", method, "DISTILL.B", str(b)]
+    if iters:
+        cmd += ["SOLVER.MAX_ITER", str(iters)]
+    subprocess.run(cmd + list(opts), check=True)
+    return json.loads((out_dir / "student_metrics.json").read_text())
+
+
+def write_results(rows: list[dict], teacher_ap: float | None, out: Path) -> None:
+    """results.csv, results.md and results.png (box AP per method against the baseline and the teacher)."""
+    out.mkdir(parents=True, exist_ok=True)
+    fields = ["method", "B", "AP", "AP50", "AP75", "wall_seconds", "seconds_per_iter"]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({k: r.get(k) for k in fields} for r in rows)
+    lines = ["| method | B | box AP | AP50 | AP75 | wall (s) | s/iter |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['B']:g} | {r['AP']:.2f} | {r['AP50']:.2f} | {r['AP75']:.2f} | "
+                     f"{r['wall_seconds']:.0f} | {r['seconds_per_iter'] or float('nan'):.2f} |")
+    if teacher_ap is not None:
+        lines.append(f"\nTeacher (R101-FPN) box AP: {teacher_ap:.2f}")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = [r["method"] for r in rows]
+    ax.bar(names, [r["AP"] for r in rows], color=["#888" if n == "baseline" else "#3a7" for n in names])
+    baseline = next((r["AP"] for r in rows if r["method"] == "baseline"), None)
+    if baseline is not None:
+        ax.axhline(baseline, color="#888", linestyle="--", label=f"baseline {baseline:.1f}")
+    if teacher_ap is not None:
+        ax.axhline(teacher_ap, color="#c33", linestyle=":", label=f"teacher {teacher_ap:.1f}")
+    ax.set_ylabel("val box AP")
+    ax.set_title("Student R50-FPN: distillation methods from one teacher-feature store")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=120)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config-file", default="configs/embedded/student_R50_FPN.yaml")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--b", nargs="*", default=[], help="METHOD=WEIGHT overrides of DEFAULT_B")
+    parser.add_argument("--out", default="output/embedded/sweep")
+    parser.add_argument("--teacher-metrics", default="output/embedded/teacher/teacher_metrics.json")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides for every run")
+    args = parser.parse_args(argv)
+    weights = dict(DEFAULT_B, **{k: float(v) for k, v in (item.split("=", 1) for item in args.b)})
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    out = Path(args.out)
+    rows = []
+    for method in [None] + args.methods:
+        name = method or "baseline"
+        start = time.perf_counter()
+        m = run_student(args.config_file, out / name, method, weights.get(method, 0.0), args.iters, args.opts)
+        rows.append({"method": name, "B": m["B"], **{k: m["bbox"].get(k, float("nan")) for k in ("AP", "AP50", "AP75")},
+                     "wall_seconds": time.perf_counter() - start, "seconds_per_iter": m["seconds_per_iter"]})
+        write_results(rows, None, out)  # partial results survive an interrupted sweep
+    teacher = Path(args.teacher_metrics)
+    teacher_ap = json.loads(teacher.read_text())["bbox"].get("AP") if teacher.exists() else None
+    write_results(rows, teacher_ap, out)
+    print((out / "results.md").read_text())
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Where a training step gets its teacher features: the store (via the data mapper) or a live teacher."""
+from __future__ import annotations
+
+import torch
+
+from pipeline.teacher import TeacherFeatureExtractor, convert_format
+
+
+class CachedTeacher:
+    """Features the DistillDatasetMapper attached to each input from the store; no teacher is built."""
+
+    def __call__(self, batched_inputs: list[dict], device: torch.device) -> list[dict[str, torch.Tensor]]:
+        try:
+            return [{k: v.to(device, non_blocking=True) for k, v in x["teacher_features"].items()} for x in batched_inputs]
+        except KeyError:
+            raise KeyError("an input has no 'teacher_features': DISTILL.SOURCE 'cache' needs the training loader "
+                           "built with DistillDatasetMapper (pipeline.train_student does this)") from None
+
+
+class LiveTeacher:
+    """The original design's live teacher, computing the same per-image features that stage one stores.
+
+    A plain object, not an nn.Module, so the teacher stays out of the student's optimizer,
+    checkpoints and DDP wrapper.
+    """
+
+    def __init__(self, extractor: TeacherFeatureExtractor, student_format: str):
+        self.extractor = extractor
+        self.student_format = student_format
+
+    def __call__(self, batched_inputs: list[dict], device: torch.device) -> list[dict[str, torch.Tensor]]:
+        return [
+            {k: v.to(device) for k, v in
+             self.extractor(convert_format(x["image"], self.student_format, self.extractor.input_format)).items()}
+            for x in batched_inputs
+        ]

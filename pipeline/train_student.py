@@ -1,0 +1,99 @@
+"""Stage two: train a detectron2 student with `loss_kd` from the teacher-feature store (or a live teacher).
+
+    python -m pipeline.train_student --config-file configs/embedded/student_R50_FPN.yaml [--resume] [KEY VALUE ...]
+
+DISTILL.ENABLE False trains the plain detectron2 baseline. At the end the student is
+evaluated on DATASETS.TEST and `student_metrics.json` is written to OUTPUT_DIR.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+from pipeline import compat  # noqa: F401  (before detectron2)
+from pipeline import distill_rcnn as _  # noqa: F401  (registers DistillRCNN)
+from pipeline.losses import build_distill_loss
+from pipeline.mapper import DistillDatasetMapper
+from pipeline.teacher import store_resize, teacher_fingerprint
+from pipeline.trainer import Trainer, bbox_metrics, setup, write_json
+from cache import StoreMismatchError, TeacherFeatureStore
+from detectron2.data import DatasetCatalog, build_detection_train_loader
+from detectron2.engine import default_argument_parser
+
+logger = logging.getLogger("pipeline.train_student")
+
+
+class StudentTrainer(Trainer):
+    """Trainer whose training loader attaches stored teacher features to every image."""
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=DistillDatasetMapper(cfg, True))
+
+
+def check_store(cfg) -> dict:
+    """Refuse a store that was not built for this student's teacher, resize, codec and images."""
+    path = cfg.DISTILL.CACHE.PATH
+    if not Path(path).exists() and "://" not in path:
+        raise FileNotFoundError(f"teacher-feature store {path} does not exist: build it first (make cache-teacher)")
+    store = TeacherFeatureStore(path)
+    store_resize(cfg)  # refuses multi-scale training with the values to change
+    store.check_fingerprint(teacher_fingerprint(cfg))
+    dataset = ",".join(cfg.DATASETS.TRAIN)
+    if store.dataset != dataset:
+        raise StoreMismatchError(f"store {path} was built for dataset {store.dataset!r}, the student trains on {dataset!r}")
+    wanted = {d["image_id"] for name in cfg.DATASETS.TRAIN for d in DatasetCatalog.get(name)}
+    info = store.info()
+    missing = sorted(wanted - {int(i) for i in store.image_ids})
+    if missing:
+        raise StoreMismatchError(f"store {path} lacks {len(missing)} training images, e.g. ids {missing[:5]}")
+    if info["images_done"] + info["images_failed"] < info["images_total"]:
+        raise StoreMismatchError(f"store {path} is incomplete ({info['images_done']} of {info['images_total']} images): "
+                                 "resume it with make cache-teacher")
+    logger.info("distillation from store %s (fingerprint %s, %d images, codec %s)", path,
+                info["fingerprint_sha256"][:16], info["images_done"], info["codec"])
+    return info
+
+
+def _median_iter_seconds(output_dir: str) -> float | None:
+    path = Path(output_dir) / "metrics.json"
+    if not path.exists():
+        return None
+    times = [json.loads(line).get("time") for line in path.read_text().splitlines() if line.strip()]
+    times = [t for t in times if t is not None]
+    return round(statistics.median(times), 4) if times else None
+
+
+def main(args) -> dict:
+    cfg = setup(args)
+    store_info = None
+    if cfg.DISTILL.ENABLE:
+        build_distill_loss(cfg.DISTILL.DISTILL)  # an unknown method fails here, before any work
+        if cfg.DISTILL.SOURCE == "cache":
+            store_info = check_store(cfg)
+    trainer = StudentTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    bbox = bbox_metrics(getattr(trainer, "_last_eval_results", {}))
+    metrics = {
+        "method": cfg.DISTILL.DISTILL if cfg.DISTILL.ENABLE else "baseline",
+        "B": cfg.DISTILL.B if cfg.DISTILL.ENABLE else 0.0,
+        "source": cfg.DISTILL.SOURCE if cfg.DISTILL.ENABLE else None,
+        "trial": cfg.DISTILL.TRIAL,
+        "bbox": bbox, "iterations": cfg.SOLVER.MAX_ITER, "wall_seconds": round(wall, 1),
+        "seconds_per_iter": _median_iter_seconds(cfg.OUTPUT_DIR),
+        "store": {"path": cfg.DISTILL.CACHE.PATH, "fingerprint_sha256": store_info["fingerprint_sha256"]} if store_info else None,
+    }
+    write_json(Path(cfg.OUTPUT_DIR) / "student_metrics.json", metrics)
+    print(f"train-student: {metrics['method']} (B={metrics['B']}) {cfg.SOLVER.MAX_ITER} iterations in {wall / 60:.1f} min; "
+          f"val box AP {bbox.get('AP', float('nan')):.2f} AP50 {bbox.get('AP50', float('nan')):.2f} -> {cfg.OUTPUT_DIR}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(default_argument_parser().parse_args())

@@ -1,0 +1,49 @@
+"""Cached and live distillation agree: same batch, same student features, every method."""
+import pytest
+import torch
+
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from pipeline.cache_teacher import cache_teacher
+from pipeline.losses import METHODS, build_distill_loss
+from pipeline.teacher import TeacherFeatureExtractor
+from pipeline.teacher_source import CachedTeacher, LiveTeacher
+from pipeline.train_student import StudentTrainer
+from tests.conftest import make_student_cfg
+
+# Measured on the tiny R18 teacher (tests/test_parity.py); int8 quantises each channel to 8 bits.
+INT8_BOUND = {"hint": 1e-2, "attention": 1e-2, "similarity": 1e-2, "nst": 1e-2, "rkd": 2e-2, "pkt": 5e-2, "kdsvd": 5e-2}
+
+
+def _losses(cfg):
+    """Per method: (loss from the store, loss from the live teacher) on one batch and one student forward."""
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    batch = next(iter(StudentTrainer.build_train_loader(cfg)))
+    captured = {}
+    handle = model.backbone.register_forward_hook(lambda m, i, o: captured.update(o))
+    with EventStorage(0), torch.no_grad():
+        model(batch)
+    handle.remove()
+    sizes = [tuple(x["image"].shape[-2:]) for x in batch]
+    cached = CachedTeacher()(batch, torch.device("cpu"))
+    live = LiveTeacher(TeacherFeatureExtractor.from_config(cfg), cfg.INPUT.FORMAT)(batch, torch.device("cpu"))
+    out = {}
+    for method in METHODS:
+        model.distiller.loss = build_distill_loss(method)
+        with torch.no_grad():
+            out[method] = (model.distiller(captured, cached, sizes).item(), model.distiller(captured, live, sizes).item())
+    return out
+
+
+def test_fp16_store_matches_live_within_1e_3_for_every_method(tiny_store, tiny_teacher, tmp_path):
+    cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", tiny_store["path"], "SOLVER.IMS_PER_BATCH", 4)
+    for method, (cached, live) in _losses(cfg).items():
+        assert abs(cached - live) <= 1e-3 * abs(live), (method, cached, live)
+
+
+def test_int8_store_matches_live_within_the_stated_bound(tiny_teacher, tmp_path):
+    cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.CODEC", "int8", "SOLVER.IMS_PER_BATCH", 4)
+    cache_teacher(cfg)
+    for method, (cached, live) in _losses(cfg).items():
+        assert abs(cached - live) <= INT8_BOUND[method] * abs(live), (method, cached, live)

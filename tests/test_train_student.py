@@ -1,0 +1,91 @@
+"""Stage two: a student trains from the store with loss_kd, never builds the teacher, and refuses bad settings."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cache import StoreMismatchError
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from pipeline import distill_rcnn, teacher
+from pipeline.losses import METHODS
+from pipeline.train_student import StudentTrainer, check_store
+from tests.conftest import make_student_cfg
+
+
+def _one_batch(cfg):
+    return next(iter(StudentTrainer.build_train_loader(cfg)))
+
+
+def test_cache_mode_never_builds_the_teacher(tiny_store, tiny_teacher, tmp_path, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the teacher was built in cache mode")
+
+    monkeypatch.setattr(teacher, "build_teacher", forbidden)
+    monkeypatch.setattr(distill_rcnn.TeacherFeatureExtractor, "from_config", forbidden)
+    cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", tiny_store["path"])
+    check_store(cfg)
+    model = build_model(cfg).train()
+    with EventStorage(0):
+        losses = model(_one_batch(cfg))
+    assert set(losses) >= {"loss_kd", "loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc"}
+    assert torch.isfinite(losses["loss_kd"]) and losses["loss_kd"] > 0
+
+
+def test_training_steps_from_the_store_reduce_the_total_loss(tiny_store, tiny_teacher, tmp_path):
+    cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", tiny_store["path"])
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    batch = _one_batch(cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
+    totals, kd = [], []
+    with EventStorage(0):
+        for _ in range(8):
+            losses = model(batch)
+            total = sum(losses.values())
+            optimizer.zero_grad()
+            total.backward()
+            optimizer.step()
+            totals.append(total.item())
+            kd.append(losses["loss_kd"].item())
+    assert totals[-1] < totals[0] and kd[-1] < kd[0], (totals, kd)
+
+
+def test_train_student_logs_loss_kd_and_writes_metrics(tiny_store, tiny_teacher, tmp_path):
+    from detectron2.engine import default_argument_parser
+    from pipeline.train_student import main
+
+    cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", tiny_store["path"], "SOLVER.MAX_ITER", 3)
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(cfg.dump())
+    args = default_argument_parser().parse_args(["--config-file", str(cfg_file)])
+    metrics = main(args)
+    out = Path(cfg.OUTPUT_DIR)
+    logged = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert any("loss_kd" in row for row in logged)
+    assert "AP" in metrics["bbox"] and metrics["store"]["fingerprint_sha256"]
+    assert json.loads((out / "student_metrics.json").read_text())["method"] == "hint"
+
+
+def test_a_different_student_resize_is_refused_naming_the_field(tiny_store, tiny_teacher, tmp_path):
+    cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", tiny_store["path"], "INPUT.MAX_SIZE_TRAIN", 256)
+    with pytest.raises(StoreMismatchError, match="resize"):
+        check_store(cfg)
+
+
+def test_an_unknown_method_fails_at_start_listing_the_methods(student_cfg):
+    cfg = student_cfg("DISTILL.DISTILL", "hintt")
+    with pytest.raises(ValueError, match="hint, kdsvd"):
+        build_model(cfg)
+
+
+def test_a_connector_appears_only_where_widths_differ(student_cfg):
+    narrow = build_model(student_cfg(fpn_channels=32))
+    assert set(narrow.distiller.connectors) == set(narrow.distiller.levels)
+    assert len(build_model(student_cfg()).distiller.connectors) == 0
+
+
+def test_disabled_distillation_is_plain_detectron2(student_cfg):
+    model = build_model(student_cfg("DISTILL.ENABLE", False))
+    assert model.distiller is None
