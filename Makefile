@@ -47,5 +47,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+bench: teacher
+	$(PY) -m pipeline.bench $(BENCH_OPTS)
+
+sweep: cache-teacher
+	$(PY) -m pipeline.sweep --methods $(METHODS) $(if $(ITERS),--iters $(ITERS)) $(OPTS)
+
 clean:
 	rm -rf output
