@@ -14,7 +14,7 @@ def add_distill_config(cfg: CN) -> None:
     cfg.DISTILL.CFG_T = ""  # teacher config file (yacs), relative to the working directory
     cfg.DISTILL.DISTILL = "hint"  # method: hint, attention, similarity, nst, rkd, pkt, kdsvd
     cfg.DISTILL.TRIAL = 0  # trial number, as in the original design: tells repeated runs of one setting apart
-    cfg.DISTILL.B = 1.0  # weight of loss_kd (the mean over levels is multiplied by B)
+    cfg.DISTILL.B = -1.0  # weight of loss_kd (times the mean over levels); < 0: the method's default (losses.DEFAULT_WEIGHTS)
     cfg.DISTILL.SOURCE = "cache"  # "cache": read the teacher's features from the store; "live": run the teacher
     cfg.DISTILL.LEVELS = ["p2", "p3", "p4", "p5", "p6"]  # FPN levels distilled (student and teacher names)
     cfg.DISTILL.CACHE = CN()

@@ -30,7 +30,7 @@ def _stage(name: str, args: list[str], times: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--method", default="hint")
-    parser.add_argument("--b", type=float, default=1.0)
+    parser.add_argument("--b", type=float, default=-1.0, help="loss_kd weight; < 0: the method's default")
     parser.add_argument("--iters", type=int, default=None, help="student iterations (default: the config's)")
     args = parser.parse_args(argv)
     iters = ["SOLVER.MAX_ITER", str(args.iters)] if args.iters else []
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
         *(f"| {name} | {m['bbox'].get('AP', float('nan')):.2f} | {m['bbox'].get('AP50', float('nan')):.2f} | "
           f"{m['bbox'].get('AP75', float('nan')):.2f} |"
           for name, m in (("teacher R101-FPN", teacher), ("student R50-FPN alone", baseline),
-                          (f"student R50-FPN + {args.method} (B={args.b:g}) from the store", student))),
+                          (f"student R50-FPN + {args.method} (B={student['B']:g}) from the store", student))),
         "",
         f"Store: {store['images_total']} images, {store['bytes_on_disk'] / 2**20:.1f} MB on disk, "
         f"{store['bytes_per_image'] / 2**10:.0f} KiB/image ({store['ratio_vs_fp32']:.1f}x smaller than fp32), codec {store['codec']}, flip {store['flip']}.",

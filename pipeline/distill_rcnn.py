@@ -8,7 +8,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 
 from pipeline.distiller import Distiller
-from pipeline.losses import build_distill_loss
+from pipeline.losses import build_distill_loss, loss_weight
 from pipeline.teacher import TeacherFeatureExtractor, load_teacher_cfg, teacher_geometry
 from pipeline.teacher_source import CachedTeacher, LiveTeacher
 
@@ -29,7 +29,7 @@ def build_distiller(cfg, backbone) -> Distiller:
     if strides != student_strides:
         raise ValueError(f"student strides {student_strides} differ from the teacher's {strides} at DISTILL.LEVELS")
     return Distiller(loss, cfg.DISTILL.LEVELS, strides, shapes[cfg.DISTILL.LEVELS[0]].channels,
-                     cfg_t.MODEL.FPN.OUT_CHANNELS, cfg.DISTILL.B)
+                     cfg_t.MODEL.FPN.OUT_CHANNELS, loss_weight(cfg.DISTILL.DISTILL, cfg.DISTILL.B))
 
 
 @META_ARCH_REGISTRY.register()

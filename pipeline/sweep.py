@@ -13,11 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.losses import METHODS
-
-# loss_kd weight per method, chosen so that loss_kd starts near the detector's own losses on the
-# embedded default (measured with pipeline.loss_scale); override with --b METHOD=VALUE.
-DEFAULT_B = {"hint": 1.0, "attention": 1.0, "similarity": 1.0, "nst": 1.0, "rkd": 1.0, "pkt": 1.0, "kdsvd": 1.0}
+from pipeline.losses import DEFAULT_WEIGHTS, METHODS
 
 
 def run_student(config: str, out_dir: Path, method: str | None, b: float, iters: int | None, opts: list[str]) -> dict:
@@ -71,12 +67,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--config-file", default="configs/embedded/student_R50_FPN.yaml")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--iters", type=int, default=None)
-    parser.add_argument("--b", nargs="*", default=[], help="METHOD=WEIGHT overrides of DEFAULT_B")
+    parser.add_argument("--b", nargs="*", default=[], help="METHOD=WEIGHT overrides of losses.DEFAULT_WEIGHTS")
     parser.add_argument("--out", default="output/embedded/sweep")
     parser.add_argument("--teacher-metrics", default="output/embedded/teacher/teacher_metrics.json")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides for every run")
     args = parser.parse_args(argv)
-    weights = dict(DEFAULT_B, **{k: float(v) for k, v in (item.split("=", 1) for item in args.b)})
+    weights = dict(DEFAULT_WEIGHTS, **{k: float(v) for k, v in (item.split("=", 1) for item in args.b)})
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline import compat  # noqa: F401  (before detectron2)
 from pipeline import distill_rcnn as _  # noqa: F401  (registers DistillRCNN)
-from pipeline.losses import build_distill_loss
+from pipeline.losses import build_distill_loss, loss_weight
 from pipeline.mapper import DistillDatasetMapper
 from pipeline.teacher import store_resize, teacher_fingerprint
 from pipeline.trainer import Trainer, bbox_metrics, setup, write_json
@@ -82,7 +82,7 @@ def main(args) -> dict:
     bbox = bbox_metrics(getattr(trainer, "_last_eval_results", {}))
     metrics = {
         "method": cfg.DISTILL.DISTILL if cfg.DISTILL.ENABLE else "baseline",
-        "B": cfg.DISTILL.B if cfg.DISTILL.ENABLE else 0.0,
+        "B": loss_weight(cfg.DISTILL.DISTILL, cfg.DISTILL.B) if cfg.DISTILL.ENABLE else 0.0,
         "source": cfg.DISTILL.SOURCE if cfg.DISTILL.ENABLE else None,
         "trial": cfg.DISTILL.TRIAL,
         "bbox": bbox, "iterations": cfg.SOLVER.MAX_ITER, "wall_seconds": round(wall, 1),
