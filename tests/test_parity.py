@@ -11,8 +11,10 @@ from pipeline.teacher_source import CachedTeacher, LiveTeacher
 from pipeline.train_student import StudentTrainer
 from tests.conftest import make_student_cfg
 
-# Measured on the tiny R18 teacher (tests/test_parity.py); int8 quantises each channel to 8 bits.
-INT8_BOUND = {"hint": 1e-2, "attention": 1e-2, "similarity": 1e-2, "nst": 1e-2, "rkd": 2e-2, "pkt": 5e-2, "kdsvd": 5e-2}
+# int8 keeps 8 bits per value with a per-channel scale. Measured here on this tiny R18 teacher,
+# batch of 4: relative deviation from live at most 1.2e-3 (attention), under 3e-4 for the other
+# methods; fp16 at most 3.5e-4 (attention). The stated int8 bound leaves room for other batches.
+INT8_BOUND = 1e-2
 
 
 def _losses(cfg):
@@ -46,4 +48,4 @@ def test_int8_store_matches_live_within_the_stated_bound(tiny_teacher, tmp_path)
     cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.CODEC", "int8", "SOLVER.IMS_PER_BATCH", 4)
     cache_teacher(cfg)
     for method, (cached, live) in _losses(cfg).items():
-        assert abs(cached - live) <= INT8_BOUND[method] * abs(live), (method, cached, live)
+        assert abs(cached - live) <= INT8_BOUND * abs(live), (method, cached, live)
