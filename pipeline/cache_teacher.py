@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline import compat  # noqa: F401  (before detectron2)
-from pipeline.teacher import (TeacherFeatureExtractor, convert_format, hflip_image, load_teacher_cfg,
+from pipeline.teacher import (TeacherFeatureExtractor, hflip_image, load_teacher_cfg,
                               resize_augmentation, store_resize, teacher_fingerprint)
 from pipeline.trainer import setup, write_json
 from cache import BackgroundShardWriter, ImageEntry, StoreLayout, TeacherFeatureWriter

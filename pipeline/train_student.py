@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-import time
 from pathlib import Path
 
 from pipeline import compat  # noqa: F401  (before detectron2)
@@ -18,7 +17,7 @@ from pipeline import distill_rcnn as _  # noqa: F401  (registers DistillRCNN)
 from pipeline.losses import build_distill_loss, loss_weight
 from pipeline.mapper import DistillDatasetMapper
 from pipeline.teacher import store_resize, teacher_fingerprint
-from pipeline.trainer import Trainer, bbox_metrics, setup, write_json
+from pipeline.trainer import Trainer, setup, write_json
 from cache import StoreMismatchError, TeacherFeatureStore
 from detectron2.data import DatasetCatalog, build_detection_train_loader
 from detectron2.engine import default_argument_parser
@@ -74,12 +73,7 @@ def main(args) -> dict:
         build_distill_loss(cfg.DISTILL.DISTILL)  # an unknown method fails here, before any work
         if cfg.DISTILL.SOURCE == "cache":
             store_info = check_store(cfg)
-    trainer = StudentTrainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
-    bbox = bbox_metrics(getattr(trainer, "_last_eval_results", {}))
+    bbox, wall = StudentTrainer.train_and_evaluate(cfg, resume=args.resume)
     metrics = {
         "method": cfg.DISTILL.DISTILL if cfg.DISTILL.ENABLE else "baseline",
         "B": loss_weight(cfg.DISTILL.DISTILL, cfg.DISTILL.B) if cfg.DISTILL.ENABLE else 0.0,

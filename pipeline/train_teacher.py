@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 from pipeline import compat  # noqa: F401  (before detectron2)
-from pipeline.trainer import Trainer, bbox_metrics, setup, write_json
+from pipeline.trainer import Trainer, setup, write_json
 from detectron2.engine import default_argument_parser
 
 logger = logging.getLogger("pipeline.train_teacher")
@@ -25,12 +24,7 @@ def main(args) -> dict:
         metrics = json.loads(metrics_file.read_text())
         print(f"teacher: {final} exists (box AP {metrics['bbox'].get('AP', float('nan')):.2f}); --force retrains")
         return metrics
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    bbox = bbox_metrics(getattr(trainer, "_last_eval_results", {}))
+    bbox, seconds = Trainer.train_and_evaluate(cfg, resume=args.resume)
     metrics = {"bbox": bbox, "train_seconds": round(seconds, 1), "iterations": cfg.SOLVER.MAX_ITER,
                "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "config": args.config_file, "weights": str(final)}
     write_json(metrics_file, metrics)

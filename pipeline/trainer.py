@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from pipeline import compat  # noqa: F401  (before detectron2)
@@ -19,6 +20,19 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
         return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
+
+
+    @classmethod
+    def train_and_evaluate(cls, cfg, resume: bool = False) -> tuple[dict, float]:
+        """Train (or resume) to SOLVER.MAX_ITER, evaluated at the end by detectron2's EvalHook.
+
+        Returns the bbox metrics and the wall seconds of training plus that evaluation.
+        """
+        trainer = cls(cfg)
+        trainer.resume_or_load(resume=resume)
+        start = time.perf_counter()
+        trainer.train()
+        return bbox_metrics(getattr(trainer, "_last_eval_results", {})), time.perf_counter() - start
 
 
 def setup(args):

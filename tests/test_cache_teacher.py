@@ -1,5 +1,4 @@
 """Stage one: the store holds the teacher's own per-image features, resumes, and refuses other settings."""
-import numpy as np
 import pytest
 import torch
 

@@ -1,5 +1,4 @@
 """Cached and live distillation agree: same batch, same student features, every method."""
-import pytest
 import torch
 
 from detectron2.modeling import build_model

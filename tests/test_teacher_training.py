@@ -35,7 +35,7 @@ def test_a_few_teacher_iterations_reduce_the_loss(tmp_path, tiny_data):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     totals = []
     with EventStorage(0):
-        for _ in range(10):
+        for _step in range(10):
             loss = sum(model(batch).values())
             optimizer.zero_grad()
             loss.backward()

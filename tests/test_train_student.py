@@ -9,7 +9,6 @@ from cache import StoreMismatchError
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from pipeline import distill_rcnn, teacher
-from pipeline.losses import METHODS
 from pipeline.train_student import StudentTrainer, check_store
 from tests.conftest import make_student_cfg
 
