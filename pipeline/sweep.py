@@ -1,7 +1,7 @@
 """`make sweep`: the baseline and each distillation method trained from one store, then a table and a plot.
 
 The teacher runs once (stage one); every method reads the same store. Results go to
-output/embedded/sweep/: results.md, results.csv, results.png.
+output/embedded/student/: results.md, results.csv, results.png, beside one folder per run.
 """
 from __future__ import annotations
 
@@ -10,14 +10,24 @@ import csv
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from pipeline.losses import DEFAULT_WEIGHTS, METHODS
 
 
-def run_student(config: str, out_dir: Path, method: str | None, b: float, iters: int | None, opts: list[str]) -> dict:
-    """Train one student in a fresh process (clean detectron2 state) and return its student_metrics.json."""
+def run_student(config: str, out_dir: Path, method: str | None, b: float, iters: int | None, opts: list[str],
+                reuse: bool = True) -> dict:
+    """Train one student in a fresh process (clean detectron2 state) and return its student_metrics.json.
+
+    With reuse, a finished run of the same method, weight and iterations in out_dir (e.g. the
+    demo's) is read instead of trained again.
+    """
+    done = out_dir / "student_metrics.json"
+    if reuse and done.exists() and not opts:
+        m = json.loads(done.read_text())
+        if m["method"] == (method or "baseline") and (method is None or m["B"] == b) and (iters is None or m["iterations"] == iters):
+            print(f"sweep: reusing {done}")
+            return m
     cmd = [sys.executable, "-m", "pipeline.train_student", "--config-file", config, "OUTPUT_DIR", str(out_dir)]
     cmd += ["DISTILL.ENABLE", "False"] if method is None else ["DISTILL.DISTILL", method, "DISTILL.B", str(b)]
     if iters:
@@ -68,7 +78,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--b", nargs="*", default=[], help="METHOD=WEIGHT overrides of losses.DEFAULT_WEIGHTS")
-    parser.add_argument("--out", default="output/embedded/sweep")
+    parser.add_argument("--out", default="output/embedded/student", help="one folder per run, and the results")
+    parser.add_argument("--no-reuse", action="store_true", help="retrain runs that already finished in --out")
     parser.add_argument("--teacher-metrics", default="output/embedded/teacher/teacher_metrics.json")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides for every run")
     args = parser.parse_args(argv)
@@ -80,10 +91,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for method in [None] + args.methods:
         name = method or "baseline"
-        start = time.perf_counter()
-        m = run_student(args.config_file, out / name, method, weights.get(method, 0.0), args.iters, args.opts)
+        m = run_student(args.config_file, out / name, method, weights.get(method, 0.0), args.iters, args.opts,
+                        reuse=not args.no_reuse)
         rows.append({"method": name, "B": m["B"], **{k: m["bbox"].get(k, float("nan")) for k in ("AP", "AP50", "AP75")},
-                     "wall_seconds": time.perf_counter() - start, "seconds_per_iter": m["seconds_per_iter"]})
+                     "wall_seconds": m["wall_seconds"], "seconds_per_iter": m["seconds_per_iter"]})
         write_results(rows, None, out)  # partial results survive an interrupted sweep
     teacher = Path(args.teacher_metrics)
     teacher_ap = json.loads(teacher.read_text())["bbox"].get("AP") if teacher.exists() else None
