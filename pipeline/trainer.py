@@ -11,6 +11,8 @@ from pipeline import datasets
 from pipeline.config import get_distill_cfg
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 
 class Trainer(DefaultTrainer):
@@ -43,6 +45,8 @@ def setup(args):
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     default_setup(cfg, args)
+    # detectron2 sets up its own loggers; ours (store path, fingerprint, ...) join the same log.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="pipeline")
     return cfg
 
 
