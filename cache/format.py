@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -45,6 +46,8 @@ def offset_array(level: str) -> str:
     return f"offset/{level}"
 
 
+_LEVEL_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
 # The layout fields stored as group attributes; a resume compares exactly these.
 _LAYOUT_FIELDS = ("levels", "strides", "channels", "codec", "flip", "max_hw", "shard_images", "tile")
 
@@ -74,8 +77,10 @@ class StoreLayout:
             raise ValueError(
                 f"levels {self.levels} and strides {self.strides} must be non-empty and of equal length"
             )
-        if len(set(self.levels)) != len(self.levels) or any("/" in lv for lv in self.levels):
-            raise ValueError(f"level names must be unique and contain no '/', got {self.levels}")
+        if len(set(self.levels)) != len(self.levels) or not all(_LEVEL_NAME.fullmatch(lv) for lv in self.levels):
+            raise ValueError(  # names become object keys: "/", "." or ".." could reach outside the store
+                f"level names must be unique and contain no '/', only letters, digits, '_' and '-', got {self.levels}"
+            )
         if any(s <= 0 for s in self.strides):
             raise ValueError(f"strides must be positive, got {self.strides}")
         if self.codec not in CODECS:

@@ -197,6 +197,10 @@ class TeacherFeatureStore:
             )
         return self.layout.views.index("hflip") if self.layout.flip == "stored" else 0
 
+    def entry_problem(self, image_id: int) -> str | None:
+        """Why `image_id` cannot be served, from the metadata alone (None when it can)."""
+        return self._entry_problem(self.row(image_id))
+
     def _entry_problem(self, row: int) -> str | None:
         """Why a row cannot be served, from the metadata alone; None when it can."""
         if row in self._damaged:

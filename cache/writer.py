@@ -150,6 +150,17 @@ class TeacherFeatureWriter:
         """
         rows = self.shard_rows(shard)
         self._validate(shard, rows, entries)
+        try:
+            return self._write_shard(shard, rows, entries)
+        except OSError as exc:  # e.g. ENOSPC: name the store and the way out; the store stays consistent
+            raise OSError(
+                exc.errno,
+                f"writing shard {shard} (rows {rows.start}..{rows.stop - 1}) of feature store {self.path} failed: "
+                f"{exc}. Committed shards are kept and this one is not marked done; fix the cause (e.g. free "
+                "disk space) and run the same command again to resume",
+            ) from exc
+
+    def _write_shard(self, shard: int, rows: range, entries: list[ImageEntry]) -> int:
         # Un-commit (status chunk first), then clear every object of this shard: zarr would otherwise
         # merge new rows into stale or torn objects and fail on their checksums.
         self._delete_shard_objects(shard)

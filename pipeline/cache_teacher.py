@@ -22,6 +22,7 @@ from pipeline.teacher import (TeacherFeatureExtractor, hflip_image, load_teacher
                               resize_augmentation, store_resize, teacher_fingerprint)
 from pipeline.trainer import setup, write_json
 from cache import BackgroundShardWriter, ImageEntry, StoreLayout, TeacherFeatureWriter
+from cache.lock import writer_lock
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import default_argument_parser
@@ -75,7 +76,15 @@ def _padded(hw, divisibility: int) -> tuple[int, int]:
 
 
 def cache_teacher(cfg, overwrite: bool = False) -> dict:
-    """Write (or resume) the store at cfg.DISTILL.CACHE.PATH; return the run's summary."""
+    """Write (or resume) the store at cfg.DISTILL.CACHE.PATH; return the run's summary.
+
+    Holds the store's writer lock (cache/lock.py) throughout: a second writer is refused.
+    """
+    with writer_lock(cfg.DISTILL.CACHE.PATH):
+        return _cache_teacher_locked(cfg, overwrite)
+
+
+def _cache_teacher_locked(cfg, overwrite: bool) -> dict:
     rule = store_resize(cfg)
     dataset = ",".join(cfg.DATASETS.TRAIN)
     dicts = training_images(cfg.DATASETS.TRAIN)
@@ -142,6 +151,7 @@ def cache_teacher(cfg, overwrite: bool = False) -> dict:
         "images_per_second": round(len(rows) / wall, 3) if wall > 0 else None,
         "teacher_images_per_second": round(len(rows) / infer_seconds, 3) if infer_seconds > 0 else None,
         "codec": layout.codec, "flip": layout.flip, "path": cfg.DISTILL.CACHE.PATH,
+        "failed_this_run": {str(k): v for k, v in failed.items()},  # image id -> why it was unreadable
     }
     writer.finalize(summary)
     per_image = (f"{summary['bytes_per_image'] / 2**10:.1f} KiB/image, {summary['ratio_vs_fp32']:.2f}x smaller than fp32"

@@ -6,6 +6,7 @@ import logging
 from pipeline import compat  # noqa: F401  (before detectron2)
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
+from detectron2.utils.events import get_event_storage
 
 from pipeline.distiller import Distiller
 from pipeline.losses import build_distill_loss, loss_weight
@@ -72,5 +73,26 @@ class DistillRCNN(GeneralizedRCNN):
             handle.remove()
         teacher = self.teacher_source(batched_inputs, self.device)
         sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
-        losses["loss_kd"] = self.distiller(captured, teacher, sizes)
+        keep = [i for i, t in enumerate(teacher) if t is not None]
+        if len(keep) < len(teacher):
+            losses["loss_kd"] = self._loss_kd_without_skipped(captured, teacher, sizes, keep, batched_inputs)
+        else:
+            losses["loss_kd"] = self.distiller(captured, teacher, sizes)
         return losses
+
+    def _loss_kd_without_skipped(self, captured, teacher, sizes, keep, batched_inputs):
+        """loss_kd of the images that have teacher features (ON_BAD_ENTRY "skip"); the others are counted.
+
+        A batch with none gives a zero that still reaches every student and distiller parameter, so
+        the step (and DDP's gradient reduction) goes on unchanged.
+        """
+        skipped = [x for x in batched_inputs if x.get("teacher_features", 0) is None]
+        for x in skipped:
+            logger.warning("no loss_kd for image %s: %s", x.get("image_id"), x.get("teacher_skip_reason", "no teacher features"))
+        self._kd_skipped_images = getattr(self, "_kd_skipped_images", 0) + len(skipped)
+        get_event_storage().put_scalar("kd_skipped_images", self._kd_skipped_images, smoothing_hint=False)
+        if not keep:
+            zero = sum(captured[level].sum() for level in self.distiller.levels)
+            return (zero + sum(p.sum() for p in self.distiller.parameters())) * 0.0
+        kept = {name: f[keep] for name, f in captured.items()}
+        return self.distiller(kept, [teacher[i] for i in keep], [sizes[i] for i in keep])

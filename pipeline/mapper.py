@@ -1,12 +1,18 @@
 """DistillDatasetMapper: detectron2's DatasetMapper that also attaches the image's stored teacher features."""
 from __future__ import annotations
 
+import logging
+
 from pipeline import compat  # noqa: F401  (before detectron2)
 from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T
 
-from cache import TeacherFeatureStore
+from cache import StoreEntryError, TeacherFeatureStore
+from cache.format import STATUS_UNREADABLE
+
+logger = logging.getLogger(__name__)
+ON_BAD_ENTRY = ("fail", "skip")
 
 
 class _RecordingAugmentations(T.AugmentationList):
@@ -21,8 +27,11 @@ class DistillDatasetMapper(DatasetMapper):
     """Reads each training image's teacher features in the DataLoader worker, with the image's own flip."""
 
     @configurable
-    def __init__(self, is_train: bool, *, store_path: str | None = None, **kwargs):
+    def __init__(self, is_train: bool, *, store_path: str | None = None, on_bad_entry: str = "fail", **kwargs):
         super().__init__(is_train, **kwargs)
+        if on_bad_entry not in ON_BAD_ENTRY:
+            raise ValueError(f"DISTILL.CACHE.ON_BAD_ENTRY={on_bad_entry!r}; choose one of {ON_BAD_ENTRY}")
+        self.on_bad_entry = on_bad_entry
         self.augmentations = _RecordingAugmentations(self.augmentations.augs)
         # Opens lazily in each worker process (zarr's event loop thread does not survive fork).
         self.store = TeacherFeatureStore(store_path) if store_path else None
@@ -32,9 +41,18 @@ class DistillDatasetMapper(DatasetMapper):
         ret = super().from_config(cfg, is_train)
         if is_train and cfg.DISTILL.ENABLE and cfg.DISTILL.SOURCE == "cache":
             ret["store_path"] = cfg.DISTILL.CACHE.PATH
+            ret["on_bad_entry"] = cfg.DISTILL.CACHE.ON_BAD_ENTRY
         return ret
 
     def __call__(self, dataset_dict):
+        if self.store is not None and self.store.sizes(dataset_dict["image_id"])["status"] == STATUS_UNREADABLE:
+            # Stage one could not read this image, so the student cannot either: name it (fail), or
+            # return None, on which detectron2's MapDataset draws another image (skip).
+            if self.on_bad_entry == "fail":
+                self.store.read(dataset_dict["image_id"])  # raises StoreEntryError with the recorded reason
+            logger.warning("image %s left out of training: unreadable when store %s was written (ON_BAD_ENTRY skip)",
+                           dataset_dict["image_id"], self.store.path)
+            return None
         out = super().__call__(dataset_dict)
         if self.store is None:
             return out
@@ -43,7 +61,14 @@ class DistillDatasetMapper(DatasetMapper):
             raise ValueError("vertical flips are not served by the teacher-feature store; set INPUT.RANDOM_FLIP to 'horizontal' or 'none'")
         hflip = sum(isinstance(t, T.HFlipTransform) for t in transforms) % 2 == 1
         image_id = dataset_dict["image_id"]
-        features = self.store.read(image_id, flip=hflip)  # raises StoreEntryError for unwritten or damaged entries
+        try:
+            features = self.store.read(image_id, flip=hflip)  # raises StoreEntryError for unwritten or damaged entries
+        except StoreEntryError as exc:
+            if self.on_bad_entry == "fail":
+                raise
+            out["teacher_features"] = None  # DistillRCNN drops this image's loss_kd and counts it
+            out["teacher_skip_reason"] = str(exc)
+            return out
         recorded = tuple(int(v) for v in self.store.sizes(image_id)["resized_hw"])
         actual = tuple(out["image"].shape[-2:])
         if recorded != actual:

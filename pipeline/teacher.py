@@ -8,7 +8,10 @@ ceil(resized / stride). These features are a function of the image alone.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +42,34 @@ def load_teacher_cfg(cfg: CfgNode) -> CfgNode:
     return cfg_t
 
 
+class TeacherCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer that loads .pth weights with torch's weights_only=True, whatever the environment.
+
+    Tensors and plain containers load; a file holding other Python objects (a pickle that could run
+    code) is refused. Model-zoo .pkl files are pickles by format: detectron2 unpickles them, so only
+    point DISTILL.PATH_T at a .pkl you trust.
+    """
+
+    def _load_file(self, filename: str) -> dict:
+        if filename.endswith((".pkl", ".pyth")):
+            return super()._load_file(filename)
+        try:
+            return torch.load(filename, map_location=torch.device("cpu"), weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise pickle.UnpicklingError(
+                f"teacher weights {filename} hold Python objects beyond tensors, which torch's weights_only "
+                f"loader refuses ({str(exc).splitlines()[0]}). Use a plain state-dict checkpoint, or re-save "
+                "one you trust with torch.save({'model': model.state_dict()}, path)"
+            ) from None
+
+
 def build_teacher(cfg: CfgNode) -> torch.nn.Module:
     """Build the teacher detector from DISTILL.CFG_T and load DISTILL.PATH_T, frozen in eval mode."""
     cfg_t = load_teacher_cfg(cfg)
     if not cfg.DISTILL.PATH_T:
         raise ValueError("DISTILL.PATH_T is empty: set it to the teacher's weights (detectron2:// URL, .pkl or .pth)")
     model = build_model(cfg_t)
-    DetectionCheckpointer(model).load(cfg.DISTILL.PATH_T)
+    TeacherCheckpointer(model).load(cfg.DISTILL.PATH_T)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -93,6 +117,16 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def images_sha256(dataset_names) -> str:
+    """sha256 of the training images' (id, file base name, height, width): a regenerated or edited dataset
+    under the same name and ids changes it. Image bytes are not hashed (too slow for COCO)."""
+    from detectron2.data import DatasetCatalog
+
+    rows = [[int(d["image_id"]), os.path.basename(str(d["file_name"])), d.get("height"), d.get("width")]
+            for name in dataset_names for d in DatasetCatalog.get(name)]
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
 def teacher_fingerprint(cfg: CfgNode) -> dict:
     """Everything that determines the stored features, computed without building the teacher."""
     cfg_t = load_teacher_cfg(cfg)
@@ -113,6 +147,7 @@ def teacher_fingerprint(cfg: CfgNode) -> dict:
         "strides": strides,
         "codec": cfg.DISTILL.CACHE.CODEC,
         "flip": cfg.DISTILL.CACHE.FLIP,
+        "images_sha256": images_sha256(cfg.DATASETS.TRAIN),
     }
 
 

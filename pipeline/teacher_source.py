@@ -9,9 +9,11 @@ from pipeline.teacher import TeacherFeatureExtractor, convert_format
 class CachedTeacher:
     """Features the DistillDatasetMapper attached to each input from the store; no teacher is built."""
 
-    def __call__(self, batched_inputs: list[dict], device: torch.device) -> list[dict[str, torch.Tensor]]:
+    def __call__(self, batched_inputs: list[dict], device: torch.device) -> list[dict[str, torch.Tensor] | None]:
+        """One dict per input; None for an image the mapper skipped (DISTILL.CACHE.ON_BAD_ENTRY "skip")."""
         try:
-            return [{k: v.to(device, non_blocking=True) for k, v in x["teacher_features"].items()} for x in batched_inputs]
+            return [None if x["teacher_features"] is None else
+                    {k: v.to(device, non_blocking=True) for k, v in x["teacher_features"].items()} for x in batched_inputs]
         except KeyError:
             raise KeyError("an input has no 'teacher_features': DISTILL.SOURCE 'cache' needs the training loader "
                            "built with DistillDatasetMapper (pipeline.train_student does this)") from None

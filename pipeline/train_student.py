@@ -15,10 +15,10 @@ from pathlib import Path
 from pipeline import compat  # noqa: F401  (before detectron2)
 from pipeline import distill_rcnn as _  # noqa: F401  (registers DistillRCNN)
 from pipeline.losses import build_distill_loss, loss_weight
-from pipeline.mapper import DistillDatasetMapper
+from pipeline.mapper import ON_BAD_ENTRY, DistillDatasetMapper
 from pipeline.teacher import store_resize, teacher_fingerprint
 from pipeline.trainer import Trainer, setup, write_json
-from cache import StoreMismatchError, TeacherFeatureStore
+from cache import StoreEntryError, StoreMismatchError, TeacherFeatureStore
 from detectron2.data import DatasetCatalog, build_detection_train_loader
 from detectron2.engine import default_argument_parser
 
@@ -52,9 +52,29 @@ def check_store(cfg) -> dict:
     if info["images_done"] + info["images_failed"] < info["images_total"]:
         raise StoreMismatchError(f"store {path} is incomplete ({info['images_done']} of {info['images_total']} images): "
                                  "resume it with make cache-teacher")
+    _apply_bad_entry_policy(cfg.DISTILL.CACHE.ON_BAD_ENTRY, store)
     logger.info("distillation from store %s (fingerprint %s, %d images, codec %s)", path,
                 info["fingerprint_sha256"][:16], info["images_done"], info["codec"])
     return info
+
+
+def _apply_bad_entry_policy(policy: str, store: TeacherFeatureStore) -> None:
+    """Images unreadable at stage one, or whose side data is damaged: refused up front ("fail") or logged ("skip").
+
+    Damage inside feature chunks shows only when read; the mapper applies the same policy there.
+    """
+    if policy not in ON_BAD_ENTRY:
+        raise ValueError(f"DISTILL.CACHE.ON_BAD_ENTRY={policy!r}; choose one of {ON_BAD_ENTRY}")
+    bad = {int(image_id): store.entry_problem(int(image_id)) for image_id in store.image_ids if int(image_id) not in store}
+    if not bad:
+        return
+    listed = "; ".join(f"image {i}: {reason}" for i, reason in list(bad.items())[:5])
+    if policy == "fail":
+        raise StoreEntryError(f"store {store.path} cannot serve {len(bad)} training images ({listed}). Fix or remove "
+                              "them and rerun make cache-teacher, or set DISTILL.CACHE.ON_BAD_ENTRY skip to train "
+                              "them without loss_kd (unreadable images are left out)")
+    logger.warning("store %s cannot serve %d training images; they train without loss_kd or, if unreadable, are left "
+                   "out (DISTILL.CACHE.ON_BAD_ENTRY skip): %s", store.path, len(bad), listed)
 
 
 def _median_iter_seconds(output_dir: str) -> float | None:
