@@ -18,7 +18,7 @@ METHODS ?= hint attention similarity nst rkd pkt kdsvd
 # KEY VALUE overrides shared by stage one and two
 STORE_OPTS := $(if $(STORE),DISTILL.CACHE.PATH $(STORE)) $(if $(CODEC),DISTILL.CACHE.CODEC $(CODEC))
 
-.PHONY: setup data teacher cache-teacher train-student baseline sweep demo test bench clean
+.PHONY: setup data teacher cache-teacher train-student baseline sweep demo test bench clean kill-test
 
 setup: .venv/.setup-done
 .venv/.setup-done: requirements.txt scripts/setup.sh
@@ -46,6 +46,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# SIGKILL stage one at random moments, resume, verify, compare bitwise with a clean run (not part of `test`).
+TRIALS ?= 10
+kill-test: setup
+	$(PY) scripts/kill_loop.py --trials $(TRIALS)
 
 bench: teacher
 	$(PY) -m pipeline.bench $(BENCH_OPTS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import random
 import sys
 import types
 import warnings
@@ -95,12 +96,44 @@ def _shim_pkg_resources() -> None:
     applied.append("pkg_resources")
 
 
+class _SetSamplingRandom(random.Random):
+    """random.Random whose sample() also takes a set (sorted first), as it did before Python 3.11."""
+
+    def sample(self, population, k, **kwargs):
+        if isinstance(population, (set, frozenset)):
+            population = sorted(population)
+        return super().sample(population, k, **kwargs)
+
+
+def _shim_map_dataset_fallback() -> None:
+    """detectron2 v0.6's MapDataset replaces a sample its mapper dropped (returned None) by
+    random.sample() over a set, which Python 3.11 refuses; give it a Random that accepts the set."""
+    if sys.version_info < (3, 11) or importlib.util.find_spec("detectron2") is None:
+        return
+    common = importlib.import_module("detectron2.data.common")
+    init = common.MapDataset.__init__
+    if getattr(init, "_set_sampling", False):
+        return
+    if not isinstance(getattr(common.MapDataset([0], len), "_fallback_candidates", None), (set, frozenset)):
+        return  # a detectron2 that no longer samples from a set
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if type(self._rng) is random.Random:
+            self._rng = _SetSamplingRandom(42)
+
+    __init__._set_sampling = True
+    common.MapDataset.__init__ = __init__
+    applied.append("detectron2.data.common.MapDataset fallback sampling")
+
+
 def apply() -> list[str]:
     """Apply every needed shim once; return what this process patched."""
     _shim_numpy()
     _shim_pillow()
     _shim_pkg_resources()
     _shim_detectron2_c()
+    _shim_map_dataset_fallback()
     return list(applied)
 
 

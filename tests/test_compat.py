@@ -65,6 +65,9 @@ def test_every_shim_is_a_no_op_where_the_real_thing_exists():
         sys.modules["pkg_resources"] = types.ModuleType("pkg_resources")
         real_c = types.ModuleType("detectron2._C")
         sys.modules["detectron2._C"] = real_c
+        common = types.ModuleType("detectron2.data.common")  # a MapDataset that samples from a list
+        common.MapDataset = type("MapDataset", (), {"__init__": lambda self, d, f: setattr(self, "_fallback_candidates", [0])})
+        sys.modules["detectron2.data.common"] = common
         from pipeline import compat
         assert compat.applied == [], compat.applied
         assert np.int is sentinel and Image.LINEAR is sentinel
