@@ -116,11 +116,20 @@ def test_stage_two_fail_policy_refuses_the_store_naming_the_unreadable_images(ba
         DistillDatasetMapper(cfg, True)(dict(DatasetCatalog.get(DATASET)[3]))
 
 
-def test_stage_two_skip_policy_trains_on_the_readable_images_only(bad_dataset, tiny_teacher):
+def test_stage_two_skip_policy_trains_on_the_readable_images_only(bad_dataset, tiny_teacher, monkeypatch):
     cfg = make_student_cfg(bad_dataset["root"] / "skip", tiny_teacher, *bad_dataset["opts"],
                            "DISTILL.CACHE.PATH", bad_dataset["path"], "DISTILL.CACHE.ON_BAD_ENTRY", "skip")
     check_store(cfg)
-    assert DistillDatasetMapper(cfg, True)(dict(DatasetCatalog.get(DATASET)[1])) is None  # MapDataset draws another
+    dropped = []
+    call = DistillDatasetMapper.__call__
+
+    def recording_call(self, dataset_dict):
+        out = call(self, dataset_dict)
+        if out is None:  # detectron2's MapDataset then draws another image
+            dropped.append(dataset_dict["image_id"])
+        return out
+
+    monkeypatch.setattr(DistillDatasetMapper, "__call__", recording_call)
     loader = iter(StudentTrainer.build_train_loader(cfg))
     seen = []
     for _ in range(8):
@@ -128,6 +137,7 @@ def test_stage_two_skip_policy_trains_on_the_readable_images_only(bad_dataset, t
         seen += [x["image_id"] for x in batch]
         assert all(x["teacher_features"] is not None for x in batch)
     assert seen and not set(seen) & set(UNREADABLE)
+    assert set(dropped) == set(UNREADABLE)  # the first 11 draws are a permutation: each was met and dropped
     model = build_model(cfg).train()
     with EventStorage(0):
         loss_kd = model(batch)["loss_kd"]
