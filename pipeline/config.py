@@ -12,17 +12,20 @@ def add_distill_config(cfg: CN) -> None:
     cfg.DISTILL.ENABLE = False  # add the distillation loss `loss_kd`; False is plain detectron2 training
     cfg.DISTILL.PATH_T = ""  # teacher weights: detectron2:// URL, local .pkl (model zoo) or .pth
     cfg.DISTILL.CFG_T = ""  # teacher config file (yacs), relative to the working directory
-    cfg.DISTILL.DISTILL = "hint"  # method: hint, attention, similarity, nst, rkd, pkt, kdsvd
+    cfg.DISTILL.DISTILL = "hint"  # method: hint, attention, similarity, nst, rkd, pkt, kdsvd, fsp, correlation, vid, crd, abound, factor, kd
     cfg.DISTILL.TRIAL = 0  # trial number, as in the original design: tells repeated runs of one setting apart
     cfg.DISTILL.B = -1.0  # weight of loss_kd (times the mean over levels); < 0: the method's default (losses.DEFAULT_WEIGHTS)
     cfg.DISTILL.SOURCE = "cache"  # "cache": read the teacher's features from the store; "live": run the teacher
     cfg.DISTILL.LEVELS = ["p2", "p3", "p4", "p5", "p6"]  # FPN levels distilled (student and teacher names)
+    cfg.DISTILL.INIT_ITERS = 20  # iterations of a method's init stage before training (abound, factor); 0 skips it
+    cfg.DISTILL.INIT_LR = 0.01  # SGD (momentum 0.9) learning rate of that init stage
     cfg.DISTILL.CACHE = CN()
     cfg.DISTILL.CACHE.PATH = "output/embedded/teacher_store.zarr"  # the teacher-feature store (stage one writes it)
     cfg.DISTILL.CACHE.CODEC = "fp16"  # fp16 (lossless on fp16 values) or int8 (per-channel affine)
     cfg.DISTILL.CACHE.FLIP = "stored"  # horizontal flip: "stored" (teacher run on the flipped image), "mirror", "none"
     cfg.DISTILL.CACHE.SHARD_IMAGES = 16  # images per zarr shard: one writer per shard, resume granularity
     cfg.DISTILL.CACHE.TILE = 64  # spatial size of the inner chunks inside a shard
+    cfg.DISTILL.CACHE.RPN = False  # also store the teacher's RPN objectness logits and box deltas per level (method kd)
     cfg.DISTILL.CACHE.WRITE_QUEUE = 2  # shards waiting for the background writer before inference blocks
     cfg.DATASETS.COCO_FORMAT = []  # user datasets: [[name, json_file, image_root], ...], then use the names
 
