@@ -32,7 +32,7 @@ METHODS: tuple[str, ...] = tuple(name for name, _cls in DISTILL_LOSS_REGISTRY)
 # are normalised differently.
 DEFAULT_WEIGHTS: dict[str, float] = {
     "hint": 0.05, "attention": 100.0, "similarity": 30.0, "nst": 10.0, "rkd": 0.2, "pkt": 20000.0, "kdsvd": 2.0,
-    "fsp": 1.0, "correlation": 1.0, "vid": 1.0, "crd": 1.0, "abound": 1.0, "factor": 1.0, "kd": 1.0,
+    "fsp": 0.002, "correlation": 30.0, "vid": 0.2, "crd": 0.03, "abound": 0.2, "factor": 40.0, "kd": 0.1,
 }
 
 
