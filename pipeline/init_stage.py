@@ -25,12 +25,13 @@ INIT_STAGE_FILE = "init_stage.json"
 
 
 def init_stage_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """What the stage trains: the loss's init_parameters, plus the student backbone for an init stage on the student."""
+    """What the stage trains: the loss's init_parameters (even those frozen for the main training, as
+    factor's paraphraser), plus the student backbone's trainable parameters for an init stage on the student."""
     loss = model.distiller.loss
     params = list(loss.init_parameters())
     if loss.init_stage == "student":
-        params += list(model.backbone.parameters())
-    return [p for p in params if p.requires_grad]
+        params += [p for p in model.backbone.parameters() if p.requires_grad]
+    return params
 
 
 def average_gradients(params: list[nn.Parameter]) -> None:
@@ -49,6 +50,21 @@ def run_init_stage(model: nn.Module, batches, iterations: int, lr: float, clip_n
     """Train the distiller's init stage for `iterations` batches from the iterator `batches`; returns its log."""
     loss = model.distiller.loss
     params = init_stage_parameters(model)
+    # Parts frozen for the main training (so DDP never waits for their gradients) train here:
+    # this stage calls the unwrapped model, outside DDP, and averages gradients itself.
+    frozen = [p for p in params if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        return _train(model, params, batches, iterations, lr, clip_norm, log_period)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def _train(model: nn.Module, params: list[nn.Parameter], batches, iterations: int, lr: float,
+           clip_norm: float | None, log_period: int) -> dict:
+    loss = model.distiller.loss
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
     logger.info("init stage of %s (%s): %d iterations, SGD lr %g, %d parameter tensors", loss.method,
                 loss.init_stage, iterations, lr, len(params))

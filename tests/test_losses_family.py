@@ -159,6 +159,7 @@ def test_factor_is_the_l1_gap_of_per_image_l2_normalised_factors():
 
 
 def test_factor_init_stage_is_the_paraphrasers_masked_reconstruction_error():
+    """The paraphraser is frozen for the main training; its init stage alone trains it."""
     loss = factor_with_identity_convs(bias_on_reconstruction=1.0)  # reconstructs t + 1
     mask = torch.tensor([True, True, False]).reshape(1, 1, 1, 3)
     assert loss.init_loss(None, [one_map(3.0, 4.0, 100.0)], [mask]).item() == pytest.approx(1.0)
@@ -420,6 +421,8 @@ def test_the_init_stage_lowers_its_loss_on_a_repeated_batch(method, tiny_rpn_sto
     with EventStorage(0):
         log = run_init_stage(model, itertools.repeat(batch), iterations=6, lr=0.01, clip_norm=5.0)
     assert log["iterations"] == 6 and log["last_loss"] < log["first_loss"], log
+    if method == "factor":  # the paraphraser trained in the stage, and is frozen again for the main training
+        assert not any(p.requires_grad for p in model.distiller.loss.paraphraser.parameters())
 
 
 @pytest.mark.parametrize("method", NEW_METHODS)

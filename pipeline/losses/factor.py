@@ -72,6 +72,9 @@ class FactorTransferLoss(DistillLoss):
         super().__init__()
         factor_channels = max(1, int(round(teacher_channels * factor_rate)))
         self.paraphraser = Paraphraser(teacher_channels, factor_channels)
+        # Trained only by the init stage: frozen for the main training (out of its optimizer, and
+        # DDP would otherwise wait for gradients that never come).
+        self.paraphraser.requires_grad_(False)
         self.translator = MaskedConvStack([student_channels, student_channels, factor_channels, factor_channels])
 
     def level_loss(self, student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
