@@ -13,7 +13,7 @@ ITERS ?=
 STORE ?=
 CODEC ?=
 OPTS ?=
-METHODS ?= hint attention similarity nst rkd pkt kdsvd
+METHODS ?= hint attention similarity nst rkd pkt kdsvd fsp correlation vid crd abound factor kd
 
 # KEY VALUE overrides shared by stage one and two
 STORE_OPTS := $(if $(STORE),DISTILL.CACHE.PATH $(STORE)) $(if $(CODEC),DISTILL.CACHE.CODEC $(CODEC))

@@ -48,6 +48,17 @@ def offset_array(level: str) -> str:
 
 _LEVEL_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
+# The teacher's RPN head outputs, stored per level beside the features when a layout has rpn_anchors > 0
+# (A anchors per position): objectness logits (A channels) and box deltas (4A channels, dx dy dw dh per anchor).
+RPN_OBJECTNESS = "rpn_objectness"
+RPN_DELTAS = "rpn_deltas"
+
+
+def rpn_key(output: str, level: str) -> str:
+    """Key of an RPN output map of a level, e.g. "rpn_objectness/p2": its array is features/<key>."""
+    return f"{output}/{level}"
+
+
 # The layout fields stored as group attributes; a resume compares exactly these.
 _LAYOUT_FIELDS = ("levels", "strides", "channels", "codec", "flip", "max_hw", "shard_images", "tile")
 
@@ -67,6 +78,7 @@ class StoreLayout:
     max_hw: tuple[int, int]
     shard_images: int = 16
     tile: int = 64
+    rpn_anchors: int = 0  # A: the teacher's RPN outputs are stored per level too when > 0
 
     def __post_init__(self) -> None:
         # Normalise lists (e.g. from JSON or YAML) to tuples so layouts compare and hash by value.
@@ -89,6 +101,9 @@ class StoreLayout:
             raise ValueError(f"unknown flip option {self.flip!r}; choose one of {FLIP_OPTIONS}")
         if len(self.max_hw) != 2 or min(self.max_hw) <= 0:
             raise ValueError(f"max_hw must be two positive pixel sizes (h, w), got {self.max_hw}")
+        if int(self.rpn_anchors) < 0:
+            raise ValueError(f"rpn_anchors must be >= 0 (0: no RPN outputs stored), got {self.rpn_anchors!r}")
+        object.__setattr__(self, "rpn_anchors", int(self.rpn_anchors))
         for name in ("channels", "shard_images", "tile"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -99,7 +114,19 @@ class StoreLayout:
         """Stored views: the flipped image gets its own view only when flip == "stored"."""
         return ("orig", "hflip") if self.flip == "stored" else ("orig",)
 
+    @property
+    def stored_keys(self) -> tuple[str, ...]:
+        """Every per-level map stored (array features/<key>): the levels, then their RPN outputs if any."""
+        rpn = (rpn_key(o, lv) for o in (RPN_OBJECTNESS, RPN_DELTAS) for lv in self.levels) if self.rpn_anchors else ()
+        return self.levels + tuple(rpn)
+
+    def channels_of(self, key: str) -> int:
+        """Channels of a stored map: C for a level, A for rpn_objectness, 4A for rpn_deltas."""
+        output = key.rpartition("/")[0]
+        return {"": self.channels, RPN_OBJECTNESS: self.rpn_anchors, RPN_DELTAS: 4 * self.rpn_anchors}[output]
+
     def stride(self, level: str) -> int:
+        level = level.rpartition("/")[2]  # an RPN output map has its level's stride
         try:
             return self.strides[self.levels.index(level)]
         except ValueError:
@@ -135,6 +162,8 @@ class StoreLayout:
             "max_hw": list(self.max_hw),
             "shard_images": self.shard_images,
             "tile": self.tile,
+            # Written only when RPN outputs are stored, so stores without them keep their attributes.
+            **({"rpn_anchors": self.rpn_anchors} if self.rpn_anchors else {}),
         }
 
     @classmethod
@@ -142,7 +171,7 @@ class StoreLayout:
         missing = [k for k in _LAYOUT_FIELDS if k not in attrs]
         if missing:
             raise ValueError(f"store attributes lack layout fields {missing}")
-        return cls(**{k: attrs[k] for k in _LAYOUT_FIELDS})
+        return cls(**{k: attrs[k] for k in _LAYOUT_FIELDS}, rpn_anchors=attrs.get("rpn_anchors", 0))
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -30,6 +30,7 @@ from cache.format import (
     STATUS_COMMITTED,
     STATUS_PENDING,
     STATUS_UNREADABLE,
+    RPN_DELTAS,
     NotAFeatureStoreError,
     StoreEntryError,
     StoreLayout,
@@ -38,6 +39,7 @@ from cache.format import (
     features_array,
     fingerprint_sha256,
     offset_array,
+    rpn_key,
     scale_array,
 )
 
@@ -184,6 +186,8 @@ class TeacherFeatureStore:
         tensors = {level: torch.from_numpy(x) for level, x in result.items()}
         if flip and self.layout.flip == "mirror":
             tensors = {level: torch.flip(t, dims=[-1]) for level, t in tensors.items()}
+            for level in self.layout.levels if self.layout.rpn_anchors else ():
+                tensors[rpn_key(RPN_DELTAS, level)][0::4] *= -1  # a mirrored box moves the other way: dx changes sign
         return tensors
 
     def _view_index(self, flip: bool) -> int:
@@ -244,7 +248,7 @@ class TeacherFeatureStore:
         """Raw stored arrays (or the exception each read raised) for one (row, view), keyed by array name."""
         selections: dict[str, tuple] = {}
         resized = self._resized_hw[row]
-        for level in self.layout.levels:
+        for level in self.layout.stored_keys:
             h, w = self.layout.valid_hw(level, resized)
             selections[features_array(level)] = (row, view, slice(None), slice(0, h), slice(0, w))
             if self.codec.quantised:
@@ -266,7 +270,7 @@ class TeacherFeatureStore:
                     f"run `python -m cache verify {self.path}` and rewrite the store",
                 )
         decoded = {}
-        for level in self.layout.levels:
+        for level in self.layout.stored_keys:
             stored = np.asarray(arrays[features_array(level)])
             params = None
             if self.codec.quantised:
@@ -281,9 +285,9 @@ class TeacherFeatureStore:
         if self._pid != os.getpid():
             self._group = zarr.open_group(store=self.path, mode="r")
             self._arrays = {}
-            names = [features_array(lv) for lv in self.layout.levels]
+            names = [features_array(lv) for lv in self.layout.stored_keys]
             if self.codec.quantised:
-                names += [f(lv) for lv in self.layout.levels for f in (scale_array, offset_array)]
+                names += [f(lv) for lv in self.layout.stored_keys for f in (scale_array, offset_array)]
             for name in names:
                 self._arrays[name] = self._group[name]
             self._pid = os.getpid()
@@ -315,10 +319,11 @@ class TeacherFeatureStore:
         done = status == STATUS_COMMITTED
         raw = 0
         views = len(self.layout.views)
-        for level, stride in zip(self.layout.levels, self.layout.strides):
+        for level in self.layout.stored_keys:
+            stride = self.layout.stride(level)
             h = np.ceil(self._resized_hw[done, 0] / stride)
             w = np.ceil(self._resized_hw[done, 1] / stride)
-            raw += int(np.sum(h * w)) * self.layout.channels * 4 * views
+            raw += int(np.sum(h * w)) * self.layout.channels_of(level) * 4 * views
         on_disk = _directory_bytes(self.path)
         images_done = int(np.count_nonzero(done))
         return {

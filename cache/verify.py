@@ -131,7 +131,8 @@ def _array_problems(store: TeacherFeatureStore) -> list[str]:
         ERROR: ((n,), ""),
         **{name: ((n, 2), "int32") for name in (ORIG_HW, RESIZED_HW, PADDED_HW)},
     }
-    for level in layout.levels:
+    for level in layout.stored_keys:
+        channels = layout.channels_of(level)
         expected[features_array(level)] = ((n, views, channels, *layout.level_shape(level)), store.codec.dtype.name)
         if store.codec.quantised:
             expected[scale_array(level)] = ((n, views, channels), "float32")
@@ -180,7 +181,7 @@ def _missing_shard_objects(store: TeacherFeatureStore, shard: int, rows: list[in
         return {}
     store._ensure_open()
     group_store = store._group.store
-    for level in store.layout.levels:
+    for level in store.layout.stored_keys:
         arr = store._array(features_array(level))
         for view in range(len(store.layout.views)):
             key = f"{arr.path}/{arr.metadata.encode_chunk_key((shard, view, 0, 0, 0))}"
@@ -192,7 +193,7 @@ def _missing_shard_objects(store: TeacherFeatureStore, shard: int, rows: list[in
 def _content_problem(store: TeacherFeatureStore, row: int, decoded: dict[str, np.ndarray]) -> str | None:
     layout = store.layout
     for level, x in decoded.items():
-        expected = (layout.channels, *layout.valid_hw(level, store._resized_hw[row]))
+        expected = (layout.channels_of(level), *layout.valid_hw(level, store._resized_hw[row]))
         if x.shape != expected:
             return f"{level} has shape {x.shape}, expected {expected} from the recorded resized size"
         if not np.isfinite(x).all():

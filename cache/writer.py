@@ -166,7 +166,7 @@ class TeacherFeatureWriter:
         self._delete_shard_objects(shard)
         status = self._array(STATUS)
         written = 0
-        for level in self.layout.levels:
+        for level in self.layout.stored_keys:
             written += self._write_level(shard, rows, level, entries)
         for name in SIZE_ARRAYS:
             values = np.array([getattr(e, name) or (0, 0) for e in entries], dtype=np.int32).reshape(len(rows), 2)
@@ -237,10 +237,10 @@ class TeacherFeatureWriter:
                     f"{list(layout.views)}"
                 )
             for view, per_level in entry.features.items():
-                if sorted(per_level) != sorted(layout.levels):
-                    raise ValueError(f"{where}, view {view}: has levels {sorted(per_level)}, expected {list(layout.levels)}")
+                if sorted(per_level) != sorted(layout.stored_keys):
+                    raise ValueError(f"{where}, view {view}: has levels {sorted(per_level)}, expected {list(layout.stored_keys)}")
                 for level, x in per_level.items():
-                    expected = (layout.channels, *layout.valid_hw(level, resized))
+                    expected = (layout.channels_of(level), *layout.valid_hw(level, resized))
                     if not isinstance(x, np.ndarray):
                         raise TypeError(
                             f"{where}, {view}/{level}: features must be numpy arrays, got {type(x).__name__} "
@@ -255,7 +255,7 @@ class TeacherFeatureWriter:
     def _delete_shard_objects(self, shard: int) -> None:
         """Remove every stored object of `shard` except its image ids, the status chunk first."""
         keys = [_object_key(self._array(STATUS), (shard,))]
-        for level in self.layout.levels:
+        for level in self.layout.stored_keys:
             features = self._array(features_array(level))
             keys += [_object_key(features, (shard, v, 0, 0, 0)) for v in range(len(self.layout.views))]
             if self._codec.quantised:
@@ -274,7 +274,7 @@ class TeacherFeatureWriter:
         box_h = _round_up(max(h for h, _ in sizes), tile_h)
         box_w = _round_up(max(w for _, w in sizes), tile_w)
         features = self._array(features_array(level))
-        n, channels = len(rows), layout.channels
+        n, channels = len(rows), layout.channels_of(level)
         scale = np.zeros((n, len(layout.views), channels), np.float32)
         offset = np.zeros_like(scale)
         written = 0
@@ -341,7 +341,8 @@ def _create_store(path: str, layout: StoreLayout, ids: np.ndarray, dataset: str,
     codec = get_codec(layout.codec)
     n, rows, views, channels = len(ids), layout.shard_images, len(layout.views), layout.channels
     checksum = [Crc32cCodec()]
-    for level in layout.levels:
+    for level in layout.stored_keys:
+        channels = layout.channels_of(level)
         h, w = layout.level_shape(level)
         tile_h, tile_w = layout.tile_hw(level)
         group.create_array(

@@ -41,7 +41,7 @@ from pipeline import distill_rcnn as _distill_rcnn  # noqa: F401  (registers Dis
 from pipeline.cache_teacher import ResizedImages, cache_teacher, training_images
 from pipeline.config import get_distill_cfg
 from pipeline.datasets import register_coco_format
-from pipeline.losses import METHODS, build_distill_loss
+from pipeline.losses import METHODS, build_distill_loss, loss_class
 from pipeline.mapper import DistillDatasetMapper
 from pipeline.teacher import (TeacherFeatureExtractor, hflip_image, load_teacher_cfg, resize_augmentation,
                               store_resize)
@@ -197,7 +197,7 @@ def student_cfg(size: str, ctx: dict, mode: str = "cached", codec: str = "fp16",
     """The embedded student config at `size`; mode plain (DISTILL.ENABLE False), cached (store) or live."""
     opts = ["MODEL.DEVICE", "cpu", "DISTILL.PATH_T", TEACHER_WEIGHTS, "DISTILL.DISTILL", "hint",
             "DISTILL.CACHE.CODEC", codec, "DISTILL.CACHE.PATH", str(STORES / f"{size}_{codec}.zarr"),
-            "DISTILL.CACHE.FLIP", "stored", "DATASETS.TRAIN", (ctx["datasets"][size],),
+            "DISTILL.CACHE.FLIP", "stored", "DISTILL.CACHE.RPN", False, "DATASETS.TRAIN", (ctx["datasets"][size],),
             "OUTPUT_DIR", str(BENCH_DIR / "tmp")]
     if size == "coco":
         opts += ["INPUT.MIN_SIZE_TRAIN", (COCO_HW[0],), "INPUT.MAX_SIZE_TRAIN", 1333,
@@ -521,10 +521,22 @@ def _student_features(model, batch) -> dict:
 
 
 def _kd_losses(model, captured, sizes, teacher_lists: dict) -> dict:
-    """loss_kd per method for each named list of per-image teacher features (same student features)."""
+    """loss_kd per method for each named list of per-image teacher features (same student features).
+
+    kd (RPN outputs, not in these stores) and crd (per-image memory bank) are left out.
+    """
     out = {}
+    level = model.distiller.levels[0]
+    teacher_channels = next(iter(teacher_lists.values()))[0][level].shape[0]
+    # The bench's distiller was built for hint: where it has connectors, losses see teacher-width students.
+    student_channels = teacher_channels if model.distiller.connectors else captured[level].shape[1]
+    sizes_of = {"student_channels": student_channels, "teacher_channels": teacher_channels,
+                "num_levels": len(model.distiller.levels)}
     for method in METHODS:
-        model.distiller.loss = build_distill_loss(method)
+        if loss_class(method).source != "features" or loss_class(method).needs_image_index:
+            continue
+        torch.manual_seed(0)  # trainable parts start the same in every bench run
+        model.distiller.loss = build_distill_loss(method, **sizes_of)
         with torch.no_grad():
             out[method] = {name: float(model.distiller(captured, feats, sizes)) for name, feats in teacher_lists.items()}
     return out

@@ -89,14 +89,14 @@ def _cache_teacher_locked(cfg, overwrite: bool) -> dict:
     dataset = ",".join(cfg.DATASETS.TRAIN)
     dicts = training_images(cfg.DATASETS.TRAIN)
     fingerprint = teacher_fingerprint(cfg)
-    extractor = TeacherFeatureExtractor.from_config(cfg)
+    extractor = TeacherFeatureExtractor.from_config(cfg, rpn=cfg.DISTILL.CACHE.RPN)
     if len(set(extractor.channels)) != 1:
         raise ValueError(f"the store needs one channel count for every level; the teacher has {extractor.channels}")
     max_side = _padded((max(rule["max_size"], rule["short_edge"]),) * 2, extractor.size_divisibility)
     layout = StoreLayout(
         levels=tuple(extractor.levels), strides=tuple(extractor.strides), channels=extractor.channels[0],
         codec=cfg.DISTILL.CACHE.CODEC, flip=cfg.DISTILL.CACHE.FLIP, max_hw=max_side,
-        shard_images=cfg.DISTILL.CACHE.SHARD_IMAGES, tile=cfg.DISTILL.CACHE.TILE,
+        shard_images=cfg.DISTILL.CACHE.SHARD_IMAGES, tile=cfg.DISTILL.CACHE.TILE, rpn_anchors=extractor.rpn_anchors,
     )
     writer = TeacherFeatureWriter.open(cfg.DISTILL.CACHE.PATH, layout, [d["image_id"] for d in dicts],
                                        dataset, fingerprint, overwrite=overwrite)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 from pipeline import compat  # noqa: F401  (before detectron2)
 from detectron2.config import configurable
@@ -9,7 +10,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.utils.events import get_event_storage
 
 from pipeline.distiller import Distiller
-from pipeline.losses import build_distill_loss, loss_weight
+from pipeline.losses import build_distill_loss, loss_class, loss_weight
 from pipeline.teacher import TeacherFeatureExtractor, load_teacher_cfg, teacher_geometry
 from pipeline.teacher_source import CachedTeacher, LiveTeacher
 
@@ -17,9 +18,22 @@ logger = logging.getLogger(__name__)
 SOURCES = ("cache", "live")
 
 
+def image_index(cfg) -> dict[int, int]:
+    """image_id -> row of the store's image index: the store's own rows in cache mode; in live mode the
+    rows stage one would write (DATASETS.TRAIN in order), so both modes index per-image state alike."""
+    if cfg.DISTILL.SOURCE == "cache":
+        from cache import TeacherFeatureStore
+
+        ids = TeacherFeatureStore(cfg.DISTILL.CACHE.PATH).image_ids.tolist()
+    else:
+        from pipeline.cache_teacher import training_images
+
+        ids = [d["image_id"] for d in training_images(cfg.DATASETS.TRAIN)]
+    return {int(image_id): row for row, image_id in enumerate(ids)}
+
+
 def build_distiller(cfg, backbone) -> Distiller:
     """The loss module, with 1x1 connectors where student and teacher FPN widths differ."""
-    loss = build_distill_loss(cfg.DISTILL.DISTILL)
     cfg_t = load_teacher_cfg(cfg)
     shapes = backbone.output_shape()
     missing = [lvl for lvl in cfg.DISTILL.LEVELS if lvl not in shapes]
@@ -29,8 +43,32 @@ def build_distiller(cfg, backbone) -> Distiller:
     student_strides = [shapes[lvl].stride for lvl in cfg.DISTILL.LEVELS]
     if strides != student_strides:
         raise ValueError(f"student strides {student_strides} differ from the teacher's {strides} at DISTILL.LEVELS")
-    return Distiller(loss, cfg.DISTILL.LEVELS, strides, shapes[cfg.DISTILL.LEVELS[0]].channels,
-                     cfg_t.MODEL.FPN.OUT_CHANNELS, loss_weight(cfg.DISTILL.DISTILL, cfg.DISTILL.B))
+    rows = image_index(cfg) if loss_class(cfg.DISTILL.DISTILL).needs_image_index else None
+    student_channels, teacher_channels = shapes[cfg.DISTILL.LEVELS[0]].channels, cfg_t.MODEL.FPN.OUT_CHANNELS
+    loss = build_distill_loss(cfg.DISTILL.DISTILL, student_channels=student_channels, teacher_channels=teacher_channels,
+                              num_levels=len(cfg.DISTILL.LEVELS), num_images=len(rows) if rows else None)
+    return Distiller(loss, cfg.DISTILL.LEVELS, strides, student_channels, teacher_channels,
+                     loss_weight(cfg.DISTILL.DISTILL, cfg.DISTILL.B), image_rows=rows)
+
+
+@contextmanager
+def student_outputs(model, rpn: bool):
+    """A dict filled, while the block runs, with the backbone's outputs (and with rpn, the RPN head's as
+    "rpn_objectness/<level>", "rpn_deltas/<level>"), taken by forward hooks so detectron2's forward stays its own."""
+    captured: dict = {}
+
+    def keep_rpn(module, inputs, output):
+        for level, logits, deltas in zip(model.proposal_generator.in_features, *output):
+            captured[f"rpn_objectness/{level}"], captured[f"rpn_deltas/{level}"] = logits, deltas
+
+    handles = [model.backbone.register_forward_hook(lambda module, inputs, output: captured.update(output))]
+    if rpn:
+        handles.append(model.proposal_generator.rpn_head.register_forward_hook(keep_rpn))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @META_ARCH_REGISTRY.register()
@@ -54,7 +92,8 @@ class DistillRCNN(GeneralizedRCNN):
             raise ValueError(f"DISTILL.SOURCE={cfg.DISTILL.SOURCE!r}; choose one of {SOURCES}")
         ret["distiller"] = build_distiller(cfg, ret["backbone"])
         if cfg.DISTILL.SOURCE == "live":
-            ret["teacher_source"] = LiveTeacher(TeacherFeatureExtractor.from_config(cfg), cfg.INPUT.FORMAT)
+            rpn = ret["distiller"].loss.source != "features"
+            ret["teacher_source"] = LiveTeacher(TeacherFeatureExtractor.from_config(cfg, rpn=rpn), cfg.INPUT.FORMAT)
             logger.info("distillation: live teacher %s with weights %s", cfg.DISTILL.CFG_T, cfg.DISTILL.PATH_T)
         else:
             ret["teacher_source"] = CachedTeacher()
@@ -63,24 +102,21 @@ class DistillRCNN(GeneralizedRCNN):
     def forward(self, batched_inputs):
         if not self.training or self.distiller is None:
             return super().forward(batched_inputs)
-        # The student's FPN outputs are taken from the backbone as GeneralizedRCNN runs it, so its
+        # The student's FPN (and RPN) outputs are taken as GeneralizedRCNN runs it, so its
         # forward pass stays detectron2's own.
-        captured: dict = {}
-        handle = self.backbone.register_forward_hook(lambda module, inputs, output: captured.update(output))
-        try:
+        with student_outputs(self, rpn=self.distiller.loss.source != "features") as captured:
             losses = super().forward(batched_inputs)
-        finally:
-            handle.remove()
         teacher = self.teacher_source(batched_inputs, self.device)
         sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
+        ids = [x.get("image_id") for x in batched_inputs]
         keep = [i for i, t in enumerate(teacher) if t is not None]
         if len(keep) < len(teacher):
-            losses["loss_kd"] = self._loss_kd_without_skipped(captured, teacher, sizes, keep, batched_inputs)
+            losses["loss_kd"] = self._loss_kd_without_skipped(captured, teacher, sizes, ids, keep, batched_inputs)
         else:
-            losses["loss_kd"] = self.distiller(captured, teacher, sizes)
+            losses["loss_kd"] = self.distiller(captured, teacher, sizes, ids)
         return losses
 
-    def _loss_kd_without_skipped(self, captured, teacher, sizes, keep, batched_inputs):
+    def _loss_kd_without_skipped(self, captured, teacher, sizes, ids, keep, batched_inputs):
         """loss_kd of the images that have teacher features (ON_BAD_ENTRY "skip"); the others are counted.
 
         A batch with none gives a zero that still reaches every student and distiller parameter, so
@@ -95,4 +131,19 @@ class DistillRCNN(GeneralizedRCNN):
             zero = sum(captured[level].sum() for level in self.distiller.levels)
             return (zero + sum(p.sum() for p in self.distiller.parameters())) * 0.0
         kept = {name: f[keep] for name, f in captured.items()}
-        return self.distiller(kept, [teacher[i] for i in keep], [sizes[i] for i in keep])
+        return self.distiller(kept, [teacher[i] for i in keep], [sizes[i] for i in keep], [ids[i] for i in keep])
+
+    def distill_init_loss(self, batched_inputs):
+        """The distiller's init-stage loss on a batch: the student backbone runs only if the stage trains it.
+
+        Images without teacher features (ON_BAD_ENTRY "skip") are left out of the batch.
+        """
+        teacher = self.teacher_source(batched_inputs, self.device)
+        keep = [i for i, t in enumerate(teacher) if t is not None]
+        batched_inputs, teacher = [batched_inputs[i] for i in keep], [teacher[i] for i in keep]
+        if not batched_inputs:  # a zero with a gradient path, so every rank still takes the step
+            return sum(p.sum() for p in self.distiller.parameters()) * 0.0
+        images = self.preprocess_image(batched_inputs)
+        students = self.backbone(images.tensor) if self.distiller.loss.init_stage == "student" else None
+        sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
+        return self.distiller.init_loss(students, teacher, sizes, tuple(images.tensor.shape[-2:]))

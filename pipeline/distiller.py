@@ -32,30 +32,77 @@ def pad_teacher_level(features: list[torch.Tensor], image_sizes, stride: int, sh
 
 
 class Distiller(nn.Module):
-    """loss_kd = B * mean over levels of loss(connector(student), teacher, mask)."""
+    """loss_kd = B * mean over levels of loss(connector(student), teacher, mask).
 
-    def __init__(self, loss: DistillLoss, levels, strides, student_channels: int, teacher_channels: int, weight: float):
+    Everything trainable (connectors, and the loss's heads, regressors, paraphraser, ...) lives
+    in this module inside the student model, so it is in the student's optimizer and checkpoint.
+    """
+
+    def __init__(self, loss: DistillLoss, levels, strides, student_channels: int, teacher_channels: int, weight: float,
+                 image_rows: dict[int, int] | None = None):
         super().__init__()
         self.loss = loss
         self.levels = list(levels)
         self.strides = list(strides)
         self.weight = float(weight)
+        # image_id -> row of the store's image index, for losses that keep per-image state (crd).
+        self.image_rows = image_rows
+        if loss.needs_image_index and image_rows is None:
+            raise ValueError(f"method {loss.method!r} keeps per-image state and needs image_rows (image_id -> store row)")
         # FitNets' answer to different widths: a learned 1x1 conv on the student side, one per level.
         self.connectors = nn.ModuleDict()
-        if student_channels != teacher_channels:
+        if student_channels != teacher_channels and loss.source == "features" and not loss.own_connectors:
             for level in self.levels:
                 self.connectors[level] = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
 
-    def forward(self, student_features: dict[str, torch.Tensor], teacher_features: list[dict[str, torch.Tensor]],
-                image_sizes) -> torch.Tensor:
+    def keys(self) -> list[str]:
+        """The student/teacher map names compared: the levels, or e.g. "rpn_objectness/p2" for kd."""
+        source = self.loss.source
+        return [level if source == "features" else f"{source}/{level}" for level in self.levels]
+
+    def inputs(self, student_features: dict[str, torch.Tensor] | None, teacher_features: list[dict[str, torch.Tensor]],
+               image_sizes, padded_hw: tuple[int, int] | None = None):
+        """Per level: student maps (through connectors; None without student_features), padded teacher maps, masks.
+
+        padded_hw (the batch's padded input size) gives the level shapes when there are no student maps.
+        """
         students, teachers, masks = [], [], []
-        for level, stride in zip(self.levels, self.strides):
-            s = student_features[level]
-            t, mask = pad_teacher_level([f[level].to(s.device, s.dtype) for f in teacher_features], image_sizes,
-                                        stride, tuple(s.shape[-2:]), level)
-            if level in self.connectors:
+        for key, level, stride in zip(self.keys(), self.levels, self.strides):
+            if key not in teacher_features[0]:
+                raise KeyError(f"method {self.loss.method!r} needs the teacher's {key!r}, which the teacher features "
+                               f"lack (they have {sorted(teacher_features[0])}); for kd, build the store with "
+                               "DISTILL.CACHE.RPN True (make cache-teacher OVERWRITE=1 OPTS='DISTILL.CACHE.RPN True')")
+            if student_features is not None:
+                s = student_features[key]
+                shape, device, dtype = tuple(s.shape[-2:]), s.device, s.dtype
+            else:
+                s, shape = None, tuple(math.ceil(v / stride) for v in padded_hw)
+                device, dtype = teacher_features[0][key].device, teacher_features[0][key].dtype
+            t, mask = pad_teacher_level([f[key].to(device, dtype) for f in teacher_features], image_sizes,
+                                        stride, shape, key)
+            if s is not None and level in self.connectors:
                 s = self.connectors[level](s)
             students.append(s)
             teachers.append(t)
             masks.append(mask)
-        return self.weight * self.loss(students, teachers, masks)
+        return students, teachers, masks
+
+    def rows(self, image_ids, device) -> torch.Tensor:
+        """(B,) rows of the store's image index of the batch's images."""
+        try:
+            return torch.tensor([self.image_rows[int(i)] for i in image_ids], dtype=torch.long, device=device)
+        except KeyError as e:
+            raise KeyError(f"image {e.args[0]} is not in the image index of {len(self.image_rows)} training images "
+                           f"that method {self.loss.method!r} was built with") from None
+
+    def forward(self, student_features: dict[str, torch.Tensor], teacher_features: list[dict[str, torch.Tensor]],
+                image_sizes, image_ids=None) -> torch.Tensor:
+        students, teachers, masks = self.inputs(student_features, teacher_features, image_sizes)
+        extra = {"rows": self.rows(image_ids, students[0].device)} if self.loss.needs_image_index else {}
+        return self.weight * self.loss(students, teachers, masks, **extra)
+
+    def init_loss(self, student_features: dict[str, torch.Tensor] | None,
+                  teacher_features: list[dict[str, torch.Tensor]], image_sizes, padded_hw) -> torch.Tensor:
+        """The loss of the method's init stage (unweighted); student_features None for an init stage on the teacher."""
+        students, teachers, masks = self.inputs(student_features, teacher_features, image_sizes, padded_hw)
+        return self.loss.init_loss(None if student_features is None else students, teachers, masks)

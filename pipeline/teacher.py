@@ -161,10 +161,16 @@ def convert_format(image: torch.Tensor, src: str, dst: str) -> torch.Tensor:
 
 
 class TeacherFeatureExtractor:
-    """Run a frozen teacher's backbone on images one at a time (the per-image definition above)."""
+    """Run a frozen teacher's backbone on images one at a time (the per-image definition above).
 
-    def __init__(self, model: torch.nn.Module, levels, input_format: str):
+    With rpn=True the teacher's RPN head also runs on those features, and each level's objectness
+    logits (A, h_l, w_l) and box deltas (4A, h_l, w_l) are returned as "rpn_objectness/<level>"
+    and "rpn_deltas/<level>", cropped like the features (what the `kd` method distils).
+    """
+
+    def __init__(self, model: torch.nn.Module, levels, input_format: str, rpn: bool = False):
         self.model = model
+        self.rpn = rpn
         self.levels = list(levels)
         self.input_format = input_format
         shapes = model.backbone.output_shape()
@@ -174,11 +180,18 @@ class TeacherFeatureExtractor:
         self.strides = [shapes[name].stride for name in self.levels]
         self.channels = [shapes[name].channels for name in self.levels]
         self.size_divisibility = model.backbone.size_divisibility
+        self.rpn_anchors = 0
+        if rpn:
+            rpn_levels = list(getattr(model.proposal_generator, "in_features", []))
+            if not set(self.levels) <= set(rpn_levels):
+                raise ValueError(f"storing RPN outputs needs every DISTILL.LEVELS {self.levels} among the teacher's "
+                                 f"RPN.IN_FEATURES {rpn_levels}; set DISTILL.CACHE.RPN False or change DISTILL.LEVELS")
+            self.rpn_anchors = model.proposal_generator.rpn_head.objectness_logits.out_channels
 
     @classmethod
-    def from_config(cls, cfg: CfgNode) -> "TeacherFeatureExtractor":
+    def from_config(cls, cfg: CfgNode, rpn: bool = False) -> "TeacherFeatureExtractor":
         model = build_teacher(cfg)
-        extractor = cls(model, cfg.DISTILL.LEVELS, load_teacher_cfg(cfg).INPUT.FORMAT)
+        extractor = cls(model, cfg.DISTILL.LEVELS, load_teacher_cfg(cfg).INPUT.FORMAT, rpn=rpn)
         strides, divisibility = teacher_geometry(load_teacher_cfg(cfg), cfg.DISTILL.LEVELS)
         if extractor.strides != strides or extractor.size_divisibility != divisibility:
             raise ValueError(f"teacher strides {extractor.strides}/divisibility {extractor.size_divisibility} differ from "
@@ -196,9 +209,15 @@ class TeacherFeatureExtractor:
         x = (image.to(self.device, non_blocking=True).float() - self.model.pixel_mean) / self.model.pixel_std
         batch = ImageList.from_tensors([x], self.size_divisibility)
         features = self.model.backbone(batch.tensor)
+        if self.rpn:
+            rpn_levels = self.model.proposal_generator.in_features
+            objectness, deltas = self.model.proposal_generator.rpn_head([features[f] for f in rpn_levels])
+            for f, logits, box in zip(rpn_levels, objectness, deltas):
+                features[f"rpn_objectness/{f}"], features[f"rpn_deltas/{f}"] = logits, box
         return {
-            name: features[name][0, :, : math.ceil(h / s), : math.ceil(w / s)]
+            key: features[key][0, :, : math.ceil(h / s), : math.ceil(w / s)]
             for name, s in zip(self.levels, self.strides)
+            for key in ((name, f"rpn_objectness/{name}", f"rpn_deltas/{name}") if self.rpn else (name,))
         }
 
 

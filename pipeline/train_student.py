@@ -14,7 +14,8 @@ from pathlib import Path
 
 from pipeline import compat  # noqa: F401  (before detectron2)
 from pipeline import distill_rcnn as _  # noqa: F401  (registers DistillRCNN)
-from pipeline.losses import build_distill_loss, loss_weight
+from pipeline.init_stage import INIT_STAGE_FILE, InitStageHook
+from pipeline.losses import loss_class, loss_weight
 from pipeline.mapper import ON_BAD_ENTRY, DistillDatasetMapper
 from pipeline.teacher import store_resize, teacher_fingerprint
 from pipeline.trainer import Trainer, setup, write_json
@@ -32,6 +33,12 @@ class StudentTrainer(Trainer):
     def build_train_loader(cls, cfg):
         return build_detection_train_loader(cfg, mapper=DistillDatasetMapper(cfg, True))
 
+    def build_hooks(self):
+        clip = self.cfg.SOLVER.CLIP_GRADIENTS
+        clip_norm = clip.CLIP_VALUE if clip.ENABLED and clip.CLIP_TYPE == "norm" else None
+        self.init_stage = InitStageHook(self.cfg.DISTILL.INIT_ITERS, self.cfg.DISTILL.INIT_LR, clip_norm, self.cfg.OUTPUT_DIR)
+        return [self.init_stage] + super().build_hooks()  # first: before any other hook's before_train
+
 
 def check_store(cfg) -> dict:
     """Refuse a store that was not built for this student's teacher, resize, codec and images."""
@@ -46,6 +53,10 @@ def check_store(cfg) -> dict:
         raise StoreMismatchError(f"store {path} was built for dataset {store.dataset!r}, the student trains on {dataset!r}")
     wanted = {d["image_id"] for name in cfg.DATASETS.TRAIN for d in DatasetCatalog.get(name)}
     info = store.info()
+    if loss_class(cfg.DISTILL.DISTILL).source != "features" and not store.layout.rpn_anchors:
+        raise StoreMismatchError(f"method {cfg.DISTILL.DISTILL!r} distils the teacher's RPN outputs, but store {path} "
+                                 "holds none: rebuild it with DISTILL.CACHE.RPN True "
+                                 "(make cache-teacher OVERWRITE=1 OPTS='DISTILL.CACHE.RPN True')")
     missing = sorted(wanted - {int(i) for i in store.image_ids})
     if missing:
         raise StoreMismatchError(f"store {path} lacks {len(missing)} training images, e.g. ids {missing[:5]}")
@@ -90,9 +101,12 @@ def main(args) -> dict:
     cfg = setup(args)
     store_info = None
     if cfg.DISTILL.ENABLE:
-        build_distill_loss(cfg.DISTILL.DISTILL)  # an unknown method fails here, before any work
+        loss_class(cfg.DISTILL.DISTILL)  # an unknown method fails here, before any work
         if cfg.DISTILL.SOURCE == "cache":
             store_info = check_store(cfg)
+    init_log = Path(cfg.OUTPUT_DIR) / INIT_STAGE_FILE
+    if not args.resume:
+        init_log.unlink(missing_ok=True)  # a stale log from an earlier run in this folder
     bbox, wall = StudentTrainer.train_and_evaluate(cfg, resume=args.resume)
     metrics = {
         "method": cfg.DISTILL.DISTILL if cfg.DISTILL.ENABLE else "baseline",
@@ -101,6 +115,7 @@ def main(args) -> dict:
         "trial": cfg.DISTILL.TRIAL,
         "bbox": bbox, "iterations": cfg.SOLVER.MAX_ITER, "wall_seconds": round(wall, 1),
         "seconds_per_iter": _median_iter_seconds(cfg.OUTPUT_DIR),
+        "init_stage": json.loads(init_log.read_text()) if init_log.exists() else None,
         "store": {"path": cfg.DISTILL.CACHE.PATH, "fingerprint_sha256": store_info["fingerprint_sha256"]} if store_info else None,
     }
     write_json(Path(cfg.OUTPUT_DIR) / "student_metrics.json", metrics)

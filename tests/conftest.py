@@ -104,3 +104,14 @@ def tiny_store(tmp_path_factory, tiny_teacher) -> dict:
     cfg = make_student_cfg(root, tiny_teacher)
     summary = cache_teacher(cfg)
     return {"cfg": cfg, "path": cfg.DISTILL.CACHE.PATH, "summary": summary, "root": root}
+
+
+@pytest.fixture(scope="session")
+def tiny_rpn_store(tmp_path_factory, tiny_teacher) -> dict:
+    """An fp16 store of the tiny teacher that also holds its RPN outputs (DISTILL.CACHE.RPN True), for kd."""
+    from pipeline.cache_teacher import cache_teacher
+
+    root = tmp_path_factory.mktemp("store_rpn")
+    cfg = make_student_cfg(root, tiny_teacher, "DISTILL.CACHE.RPN", True)
+    summary = cache_teacher(cfg)
+    return {"cfg": cfg, "path": cfg.DISTILL.CACHE.PATH, "summary": summary, "root": root}

@@ -72,7 +72,7 @@ def two_level_batch(channels_student: int = 4, channels_teacher: int = 4, seed: 
 
 
 def test_every_method_is_registered_under_its_name():
-    assert set(METHODS) == set(ALL_METHODS)
+    assert set(ALL_METHODS) <= set(METHODS)  # the other seven: tests/test_losses_family.py
     classes = {"hint": HintLoss, "attention": AttentionLoss, "similarity": SimilarityLoss, "nst": NSTLoss,
                "rkd": RKDLoss, "pkt": PKTLoss, "kdsvd": KDSVDLoss}
     for name, cls in classes.items():
@@ -91,7 +91,7 @@ def test_unknown_method_raises_value_error_listing_the_names():
         build_distill_loss("fitnet")
     message = str(error.value)
     assert "'fitnet'" in message
-    assert ", ".join(sorted(ALL_METHODS)) in message
+    assert ", ".join(sorted(METHODS)) in message
 
 
 # --------------------------------------------------------------------------- shared helpers

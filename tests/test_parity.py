@@ -1,10 +1,13 @@
 """Cached and live distillation agree: same batch, same student features, every method."""
+import copy
+
 import torch
 
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from pipeline.cache_teacher import cache_teacher
-from pipeline.losses import METHODS, build_distill_loss
+from pipeline.distill_rcnn import build_distiller, student_outputs
+from pipeline.losses import METHODS
 from pipeline.teacher import TeacherFeatureExtractor
 from pipeline.teacher_source import CachedTeacher, LiveTeacher
 from pipeline.train_student import StudentTrainer
@@ -17,34 +20,45 @@ INT8_BOUND = 1e-2
 
 
 def _losses(cfg):
-    """Per method: (loss from the store, loss from the live teacher) on one batch and one student forward."""
+    """Per method: (loss from the store, loss from the live teacher) on one batch and one student forward.
+
+    Each method's distiller (with its trainable parts) is built once and copied for each source,
+    so per-step state (crd's memory bank) and random draws (its negatives) are the same for both.
+    """
     torch.manual_seed(0)
     model = build_model(cfg).train()
     batch = next(iter(StudentTrainer.build_train_loader(cfg)))
-    captured = {}
-    handle = model.backbone.register_forward_hook(lambda m, i, o: captured.update(o))
-    with EventStorage(0), torch.no_grad():
+    with student_outputs(model, rpn=True) as captured, EventStorage(0), torch.no_grad():
         model(batch)
-    handle.remove()
     sizes = [tuple(x["image"].shape[-2:]) for x in batch]
+    ids = [x["image_id"] for x in batch]
     cached = CachedTeacher()(batch, torch.device("cpu"))
-    live = LiveTeacher(TeacherFeatureExtractor.from_config(cfg), cfg.INPUT.FORMAT)(batch, torch.device("cpu"))
+    live = LiveTeacher(TeacherFeatureExtractor.from_config(cfg, rpn=True), cfg.INPUT.FORMAT)(batch, torch.device("cpu"))
     out = {}
     for method in METHODS:
-        model.distiller.loss = build_distill_loss(method)
-        with torch.no_grad():
-            out[method] = (model.distiller(captured, cached, sizes).item(), model.distiller(captured, live, sizes).item())
+        method_cfg = cfg.clone()
+        method_cfg.merge_from_list(["DISTILL.DISTILL", method])
+        distiller = build_distiller(method_cfg, model.backbone)
+        values = []
+        for teacher in (cached, live):
+            torch.manual_seed(1)
+            with torch.no_grad():
+                values.append(copy.deepcopy(distiller)(captured, teacher, sizes, ids).item())
+        out[method] = tuple(values)
     return out
 
 
-def test_fp16_store_matches_live_within_1e_3_for_every_method(tiny_store, tiny_teacher, tmp_path):
-    cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", tiny_store["path"], "SOLVER.IMS_PER_BATCH", 4)
-    for method, (cached, live) in _losses(cfg).items():
+def test_fp16_store_matches_live_within_1e_3_for_every_method(tiny_rpn_store, tiny_teacher, tmp_path):
+    cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", tiny_rpn_store["path"], "SOLVER.IMS_PER_BATCH", 4)
+    losses = _losses(cfg)
+    assert set(losses) == set(METHODS) and len(METHODS) == 14
+    for method, (cached, live) in losses.items():
         assert abs(cached - live) <= 1e-3 * abs(live), (method, cached, live)
 
 
 def test_int8_store_matches_live_within_the_stated_bound(tiny_teacher, tmp_path):
-    cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.CODEC", "int8", "SOLVER.IMS_PER_BATCH", 4)
+    cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.CODEC", "int8", "DISTILL.CACHE.RPN", True,
+                           "SOLVER.IMS_PER_BATCH", 4)
     cache_teacher(cfg)
     for method, (cached, live) in _losses(cfg).items():
         assert abs(cached - live) <= INT8_BOUND * abs(live), (method, cached, live)

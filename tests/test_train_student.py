@@ -75,7 +75,7 @@ def test_a_different_student_resize_is_refused_naming_the_field(tiny_store, tiny
 
 def test_an_unknown_method_fails_at_start_listing_the_methods(student_cfg):
     cfg = student_cfg("DISTILL.DISTILL", "hintt")
-    with pytest.raises(ValueError, match="hint, kdsvd"):
+    with pytest.raises(ValueError, match="hint, kd, kdsvd"):
         build_model(cfg)
 
 

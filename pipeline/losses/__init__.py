@@ -1,6 +1,8 @@
 """Feature-distillation losses between student and teacher FPN levels, by method name.
 
-build_distill_loss("rkd", max_samples=256) gives a DistillLoss; METHODS lists the names.
+build_distill_loss("rkd", max_samples=256) gives a DistillLoss; METHODS lists the names. Methods
+with trainable parts take their sizes too (their class lists them in `shape_args`), e.g.
+build_distill_loss("vid", student_channels=256, teacher_channels=256, num_levels=5).
 """
 from __future__ import annotations
 
@@ -14,6 +16,13 @@ from . import nst as _  # registration
 from . import rkd as _  # registration
 from . import pkt as _  # registration
 from . import kdsvd as _  # registration
+from . import fsp as _  # registration
+from . import correlation as _  # registration
+from . import vid as _  # registration
+from . import crd as _  # registration
+from . import abound as _  # registration
+from . import factor as _  # registration
+from . import kd as _  # registration
 
 METHODS: tuple[str, ...] = tuple(name for name, _cls in DISTILL_LOSS_REGISTRY)
 
@@ -23,6 +32,7 @@ METHODS: tuple[str, ...] = tuple(name for name, _cls in DISTILL_LOSS_REGISTRY)
 # are normalised differently.
 DEFAULT_WEIGHTS: dict[str, float] = {
     "hint": 0.05, "attention": 100.0, "similarity": 30.0, "nst": 10.0, "rkd": 0.2, "pkt": 20000.0, "kdsvd": 2.0,
+    "fsp": 0.002, "correlation": 30.0, "vid": 0.2, "crd": 0.03, "abound": 0.2, "factor": 40.0, "kd": 0.1,
 }
 
 
@@ -31,11 +41,27 @@ def loss_weight(method: str, b: float) -> float:
     return DEFAULT_WEIGHTS[method] if b < 0 else float(b)
 
 
-def build_distill_loss(name: str, **kwargs) -> DistillLoss:
-    """The loss registered as `name`, constructed with kwargs (e.g. max_samples for rkd/pkt)."""
+def loss_class(name: str) -> type[DistillLoss]:
+    """The DistillLoss subclass registered as `name` (ValueError listing the methods otherwise)."""
     if name not in DISTILL_LOSS_REGISTRY:
         raise ValueError(f"unknown distillation method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
-    return DISTILL_LOSS_REGISTRY.get(name)(**kwargs)
+    return DISTILL_LOSS_REGISTRY.get(name)
 
 
-__all__ = ["DEFAULT_WEIGHTS", "DISTILL_LOSS_REGISTRY", "METHODS", "DistillLoss", "build_distill_loss", "loss_weight"]
+def build_distill_loss(name: str, **kwargs) -> DistillLoss:
+    """The loss registered as `name`, constructed with kwargs (e.g. max_samples for rkd/pkt).
+
+    Sizes a method does not list in its shape_args are dropped, so a caller can pass the same
+    student_channels/teacher_channels/num_levels/num_images to every method.
+    """
+    cls = loss_class(name)
+    sizes = ("student_channels", "teacher_channels", "num_levels", "num_images")
+    kwargs = {k: v for k, v in kwargs.items() if k not in sizes or k in cls.shape_args}
+    missing = [k for k in cls.shape_args if k not in kwargs]
+    if missing:
+        raise ValueError(f"method {name!r} has trainable parts sized by {list(cls.shape_args)}; pass {missing}")
+    return cls(**kwargs)
+
+
+__all__ = ["DEFAULT_WEIGHTS", "DISTILL_LOSS_REGISTRY", "METHODS", "DistillLoss", "build_distill_loss", "loss_class",
+           "loss_weight"]

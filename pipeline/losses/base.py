@@ -122,16 +122,48 @@ class DistillLoss(nn.Module):
     """
 
     method: str = ""  # the registry name, set by register_loss
+    # What a method needs beyond the default; the Distiller reads these, so the training loop never
+    # has to know which method it runs.
+    source: str = "features"  # maps compared per level: "features", or "rpn_objectness" (the RPN's logits)
+    own_connectors: bool = False  # maps student widths itself: the Distiller adds no 1x1 connectors
+    shape_args: tuple[str, ...] = ()  # constructor arguments the Distiller supplies, from: student_channels,
+    #   teacher_channels, num_levels, num_images (rows of the store's image index)
+    needs_image_index: bool = False  # forward also takes rows: (B,) long, each image's row in the store
+    init_stage: str | None = None  # "student": before training, train the student backbone and this loss's
+    #   init_parameters on init_loss; "teacher": train only init_parameters on init_loss of teacher maps
 
     def forward(self, students: Sequence[Tensor], teachers: Sequence[Tensor], masks: Sequence[Tensor]) -> Tensor:
         check_levels(students, teachers, masks)
         with full_precision(students[0]):
             losses = [
-                self.level_loss(student.float(), teacher.float(), mask)
-                for student, teacher, mask in zip(students, teachers, masks)
+                self.level_loss_at(level, student.float(), teacher.float(), mask)
+                for level, (student, teacher, mask) in enumerate(zip(students, teachers, masks))
             ]
         return torch.stack(losses).mean()
+
+    def level_loss_at(self, level: int, student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+        """level_loss of the level-th level; methods with per-level modules override this instead."""
+        return self.level_loss(student, teacher, mask)
 
     def level_loss(self, student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
         """The loss of one level: student (B, Cs, H, W), teacher (B, Ct, H, W), mask (B, 1, H, W)."""
         raise NotImplementedError(f"{type(self).__name__} must implement level_loss or override forward")
+
+    def init_loss(self, students: Sequence[Tensor] | None, teachers: Sequence[Tensor], masks: Sequence[Tensor]) -> Tensor:
+        """The loss minimised by the init stage (students is None for an init_stage "teacher")."""
+        raise NotImplementedError(f"{type(self).__name__} has no init stage")
+
+    def init_parameters(self) -> list[nn.Parameter]:
+        """This loss's parameters that the init stage trains."""
+        return list(self.parameters())
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of (B, C, H, W) values over the valid positions and all channels; padding is dropped."""
+    total = zero_padding(values, mask).sum()
+    return total / (valid_counts(mask).sum() * values.shape[1]).clamp_min(1)
+
+
+def masked_pool(features: Tensor, mask: Tensor) -> Tensor:
+    """(B, C) mean of each image's features over its valid positions (global average pooling without padding)."""
+    return zero_padding(features, mask).flatten(2).sum(2) / valid_counts(mask).clamp_min(1)[:, None]
