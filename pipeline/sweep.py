@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.losses import DEFAULT_WEIGHTS, METHODS
+from pipeline.losses import DEFAULT_WEIGHTS, METHODS, loss_class
 
 
 def run_student(config: str, out_dir: Path, method: str | None, b: float, iters: int | None, opts: list[str],
@@ -34,6 +34,18 @@ def run_student(config: str, out_dir: Path, method: str | None, b: float, iters:
         cmd += ["SOLVER.MAX_ITER", str(iters)]
     subprocess.run(cmd + list(opts), check=True)
     return json.loads((out_dir / "student_metrics.json").read_text())
+
+
+def check_store_serves(config: str, methods: list[str], opts: list[str]) -> None:
+    """Stop before any training when a method needs what the config's store will not hold (kd: RPN outputs)."""
+    from pipeline.config import get_distill_cfg
+
+    cfg = get_distill_cfg(config, opts)
+    needs_rpn = [m for m in methods if loss_class(m).source != "features"]
+    if needs_rpn and not cfg.DISTILL.CACHE.RPN:
+        raise SystemExit(f"{needs_rpn} distil the teacher's RPN outputs, but {config} builds its store without them "
+                         "(DISTILL.CACHE.RPN False): set it True and rebuild the store (make cache-teacher OVERWRITE=1), "
+                         f"or leave {needs_rpn} out of --methods")
 
 
 def write_results(rows: list[dict], teacher_ap: float | None, out: Path) -> None:
@@ -87,6 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    check_store_serves(args.config_file, args.methods, args.opts)
     out = Path(args.out)
     rows = []
     for method in [None] + args.methods:

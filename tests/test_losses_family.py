@@ -74,6 +74,18 @@ def test_all_fourteen_methods_are_registered_with_a_default_weight():
         assert loss_class(name).method == name and loss_class(name).__doc__
 
 
+def test_the_sweep_runs_all_fourteen_by_default_and_stops_early_when_the_store_lacks_rpn_outputs():
+    from pipeline.sweep import check_store_serves
+
+    config = str(Path(__file__).parent.parent / "configs" / "embedded" / "student_R50_FPN.yaml")
+    check_store_serves(config, list(METHODS), [])  # the embedded default stores RPN outputs
+    makefile = (Path(__file__).parent.parent / "Makefile").read_text()
+    assert f"METHODS ?= {' '.join(METHODS)}" in makefile
+    with pytest.raises(SystemExit, match="DISTILL.CACHE.RPN"):
+        check_store_serves(config, ["hint", "kd"], ["DISTILL.CACHE.RPN", "False"])
+    check_store_serves(config, ["hint", "crd"], ["DISTILL.CACHE.RPN", "False"])
+
+
 def test_a_method_with_trainable_parts_says_which_sizes_it_needs():
     with pytest.raises(ValueError, match="num_images"):
         build_distill_loss("crd", student_channels=4, teacher_channels=4, num_levels=2)
