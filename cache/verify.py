@@ -56,9 +56,12 @@ class VerifyReport:
         return self.pending == 0
 
 
-def verify_store(path: str, progress: bool = True) -> VerifyReport:
-    """Read every committed entry (all views) and check it; NotAFeatureStoreError if `path` is no store."""
-    store = TeacherFeatureStore(path)
+def verify_store(path: str, progress: bool = True, storage_options: dict | str | None = None) -> VerifyReport:
+    """Read every committed entry (all views) and check it; NotAFeatureStoreError if `path` is no store.
+
+    `path` may be a URL (s3://bucket/key.zarr) with fsspec `storage_options`.
+    """
+    store = TeacherFeatureStore(path, storage_options)
     report = VerifyReport(path=store.path)
     report.problems += _attribute_problems(store)
     report.problems += _array_problems(store)

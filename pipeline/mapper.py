@@ -21,17 +21,19 @@ class DistillDatasetMapper(DatasetMapper):
     """Reads each training image's teacher features in the DataLoader worker, with the image's own flip."""
 
     @configurable
-    def __init__(self, is_train: bool, *, store_path: str | None = None, **kwargs):
+    def __init__(self, is_train: bool, *, store_path: str | None = None, storage_options: str | dict | None = None,
+                 **kwargs):
         super().__init__(is_train, **kwargs)
         self.augmentations = _RecordingAugmentations(self.augmentations.augs)
-        # Opens lazily in each worker process (zarr's event loop thread does not survive fork).
-        self.store = TeacherFeatureStore(store_path) if store_path else None
+        # Opens lazily in each worker process (zarr's event loop thread does not survive fork), URL stores too.
+        self.store = TeacherFeatureStore(store_path, storage_options) if store_path else None
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
         ret = super().from_config(cfg, is_train)
         if is_train and cfg.DISTILL.ENABLE and cfg.DISTILL.SOURCE == "cache":
             ret["store_path"] = cfg.DISTILL.CACHE.PATH
+            ret["storage_options"] = cfg.DISTILL.CACHE.STORAGE_OPTIONS
         return ret
 
     def __call__(self, dataset_dict):
