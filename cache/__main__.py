@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from cache.format import NotAFeatureStoreError
-from cache.storage import STORAGE_OPTIONS_ENV, is_url
+from cache.storage import STORAGE_OPTIONS_ENV
 
 
 def _human_bytes(n: float | None) -> str:
@@ -50,7 +49,7 @@ def _info_table(info: dict) -> str:
 def _cmd_info(args: argparse.Namespace) -> int:
     from cache.reader import TeacherFeatureStore
 
-    info = TeacherFeatureStore(args.store, _storage_options(args)).info()
+    info = TeacherFeatureStore(args.store, args.storage_options).info()
     print(json.dumps(info, indent=2) if args.json else _info_table(info))
     return 0
 
@@ -58,7 +57,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from cache.verify import verify_store
 
-    report = verify_store(args.store, progress=not args.quiet, storage_options=_storage_options(args))
+    report = verify_store(args.store, progress=not args.quiet, storage_options=args.storage_options)
     for problem in report.problems:
         print(f"store problem: {problem}")
     for image_id, reason in report.bad:
@@ -75,13 +74,6 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return 1
     print("store is intact")
     return 0
-
-
-def _storage_options(args: argparse.Namespace) -> str:
-    """--storage-options, else $CACHE_STORAGE_OPTIONS for a URL (a local path takes none)."""
-    if args.storage_options is not None:
-        return args.storage_options
-    return os.environ.get(STORAGE_OPTIONS_ENV, "") if is_url(args.store) else ""
 
 
 def main(argv: list[str] | None = None) -> int:

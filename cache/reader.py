@@ -11,7 +11,7 @@ import asyncio
 import json
 import operator
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import zarr
@@ -40,7 +40,7 @@ from cache.format import (
     offset_array,
     scale_array,
 )
-from cache.storage import is_url, parse_storage_options, read_url_text, url_bytes, zarr_store
+from cache.storage import is_url, read_url_text, storage_options_for, url_bytes, zarr_store
 
 if TYPE_CHECKING:
     import torch
@@ -106,10 +106,10 @@ class TeacherFeatureStore:
     The status snapshot is taken at open; call `refresh()` to see shards committed since.
     """
 
-    def __init__(self, path: str, storage_options: dict | str | None = None) -> None:
+    def __init__(self, path: str, storage_options: Mapping | str | None = None) -> None:
         self.path = os.fspath(path)
         # fsspec options of a URL store (credentials, endpoint); they travel with the object into workers.
-        self.storage_options = parse_storage_options(storage_options)
+        self.storage_options = storage_options_for(self.path, storage_options)
         attrs = read_group_attrs(self.path, self.storage_options)
         check_store_attrs(self.path, attrs)
         self.attrs: dict = attrs

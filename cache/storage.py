@@ -3,8 +3,9 @@
 zarr reads and writes a URL store through its own `FsspecStore`; the few whole-store operations zarr has
 no API for (read the group's zarr.json, test whether the location is free, count bytes, delete) go through
 the same fsspec filesystem here. Local paths never touch fsspec, so they behave exactly as before.
-Storage options (credentials, `client_kwargs={"endpoint_url": ...}`) are fsspec's, passed as a dict or a
-JSON object string; s3fs also reads the usual AWS_* environment variables.
+Storage options (`client_kwargs={"endpoint_url": ...}`, credentials) are fsspec's: a mapping (the config
+node DISTILL.CACHE.STORAGE_OPTIONS) or a JSON object string, else $CACHE_STORAGE_OPTIONS for URLs; s3fs
+also reads the usual AWS_* environment variables, the place for credentials.
 """
 
 from __future__ import annotations
@@ -21,12 +22,19 @@ def is_url(path: str | os.PathLike) -> bool:
     return "://" in os.fspath(path)
 
 
+def storage_options_for(path: str | os.PathLike, options: str | Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The fsspec options for `path`: `options` when given, else $CACHE_STORAGE_OPTIONS for a URL, else none."""
+    if not options and is_url(path):
+        options = os.environ.get(STORAGE_OPTIONS_ENV, "")
+    return parse_storage_options(options)
+
+
 def parse_storage_options(options: str | Mapping[str, Any] | None) -> dict[str, Any]:
-    """fsspec storage options from a dict or a JSON object string; empty means none."""
+    """fsspec storage options from a mapping (a CfgNode too) or a JSON object string; empty means none."""
     if options is None or options == "":
         return {}
     if isinstance(options, Mapping):
-        return dict(options)
+        return json.loads(json.dumps(options))  # plain nested dicts, safe to pickle into workers
     try:
         parsed = json.loads(options)
     except ValueError as exc:

@@ -14,7 +14,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import zarr
@@ -45,7 +45,7 @@ from cache.format import (
     scale_array,
 )
 from cache.reader import load_rows_tolerant, read_group_attrs
-from cache.storage import delete_url_tree, is_url, parse_storage_options, url_is_occupied, zarr_store
+from cache.storage import delete_url_tree, is_url, storage_options_for, url_is_occupied, zarr_store
 
 FEATURE_DIMS = ("image", "view", "channel", "y", "x")
 
@@ -90,7 +90,7 @@ class TeacherFeatureWriter:
         dataset: str,
         fingerprint: dict,
         overwrite: bool = False,
-        storage_options: dict | str | None = None,
+        storage_options: Mapping | str | None = None,
     ) -> "TeacherFeatureWriter":
         """Create the store, or resume it if it was built with exactly these settings.
 
@@ -101,7 +101,7 @@ class TeacherFeatureWriter:
         `path` may be a URL (s3://bucket/key.zarr) with fsspec `storage_options`.
         """
         path = os.fspath(path)
-        options = parse_storage_options(storage_options)
+        options = storage_options_for(path, storage_options)
         ids = _as_image_ids(image_ids)
         fingerprint = json_normalised(fingerprint)
         attrs = read_group_attrs(path, options)

@@ -26,7 +26,7 @@ from pipeline.teacher import (TeacherFeatureExtractor, hflip_image, load_teacher
                               resize_augmentation, store_resize, teacher_fingerprint)
 from pipeline.trainer import setup, write_json
 from cache import BackgroundShardWriter, ImageEntry, StoreLayout, TeacherFeatureWriter
-from cache.storage import is_url, parse_storage_options, write_url_text
+from cache.storage import is_url, storage_options_for, write_url_text
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import default_argument_parser, launch
@@ -180,7 +180,7 @@ def main(args) -> dict:
         target = f"{cfg.DISTILL.CACHE.PATH.rstrip('/')}.summary.json"
         if is_url(target):
             write_url_text(target, json.dumps(summary, indent=2, sort_keys=True),
-                           parse_storage_options(cfg.DISTILL.CACHE.STORAGE_OPTIONS))
+                           storage_options_for(target, cfg.DISTILL.CACHE.STORAGE_OPTIONS))
         else:
             write_json(target, summary)
     return summary

@@ -21,7 +21,7 @@ class DistillDatasetMapper(DatasetMapper):
     """Reads each training image's teacher features in the DataLoader worker, with the image's own flip."""
 
     @configurable
-    def __init__(self, is_train: bool, *, store_path: str | None = None, storage_options: str | dict | None = None,
+    def __init__(self, is_train: bool, *, store_path: str | None = None, storage_options: dict | None = None,
                  **kwargs):
         super().__init__(is_train, **kwargs)
         self.augmentations = _RecordingAugmentations(self.augmentations.augs)
