@@ -14,6 +14,10 @@ STORE ?=
 CODEC ?=
 OPTS ?=
 METHODS ?= hint attention similarity nst rkd pkt kdsvd fsp correlation vid crd abound factor kd
+NPROC ?= 1
+
+# NPROC=N runs stage one or two as N processes on this machine through torchrun (docs/scale-out.md)
+RUN := $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m,$(PY) -m)
 
 # KEY VALUE overrides shared by stage one and two
 STORE_OPTS := $(if $(STORE),DISTILL.CACHE.PATH $(STORE)) $(if $(CODEC),DISTILL.CACHE.CODEC $(CODEC))
@@ -31,10 +35,10 @@ teacher: data
 	$(PY) -m pipeline.train_teacher --config-file $(TEACHER_CFG) $(OPTS)
 
 cache-teacher: teacher
-	$(PY) -m pipeline.cache_teacher --config-file $(STUDENT_CFG) $(if $(OVERWRITE),--overwrite) $(STORE_OPTS) $(OPTS)
+	$(RUN) pipeline.cache_teacher --config-file $(STUDENT_CFG) $(if $(OVERWRITE),--overwrite) $(STORE_OPTS) $(OPTS)
 
 train-student: cache-teacher
-	$(PY) -m pipeline.train_student --config-file $(STUDENT_CFG) DISTILL.DISTILL $(METHOD) DISTILL.B $(B) \
+	$(RUN) pipeline.train_student --config-file $(STUDENT_CFG) DISTILL.DISTILL $(METHOD) DISTILL.B $(B) \
 	  OUTPUT_DIR output/embedded/student/$(METHOD) $(if $(ITERS),SOLVER.MAX_ITER $(ITERS)) $(STORE_OPTS) $(OPTS)
 
 baseline: data

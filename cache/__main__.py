@@ -1,5 +1,8 @@
 """Command line: `python -m cache info STORE [--json]` and `python -m cache verify STORE`.
 
+STORE is a directory or a URL (s3://bucket/key.zarr); fsspec storage options for a URL come from
+--storage-options or the CACHE_STORAGE_OPTIONS environment variable (a JSON object).
+
 Exit codes: 0 fine; 1 verify found damaged entries or store problems; 2 the path is not a store.
 """
 
@@ -10,6 +13,7 @@ import json
 import sys
 
 from cache.format import NotAFeatureStoreError
+from cache.storage import STORAGE_OPTIONS_ENV
 
 
 def _human_bytes(n: float | None) -> str:
@@ -45,7 +49,7 @@ def _info_table(info: dict) -> str:
 def _cmd_info(args: argparse.Namespace) -> int:
     from cache.reader import TeacherFeatureStore
 
-    info = TeacherFeatureStore(args.store).info()
+    info = TeacherFeatureStore(args.store, args.storage_options).info()
     print(json.dumps(info, indent=2) if args.json else _info_table(info))
     return 0
 
@@ -53,7 +57,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from cache.verify import verify_store
 
-    report = verify_store(args.store, progress=not args.quiet)
+    report = verify_store(args.store, progress=not args.quiet, storage_options=args.storage_options)
     for problem in report.problems:
         print(f"store problem: {problem}")
     for image_id, reason in report.bad:
@@ -74,13 +78,17 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cache", description="Inspect and check a teacher feature store.")
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--storage-options", metavar="JSON",
+                        help=f"fsspec options of a URL store, e.g. '{{\"client_kwargs\": {{\"endpoint_url\": "
+                             f"\"http://host:9000\"}}}}' (default: ${STORAGE_OPTIONS_ENV})")
     commands = parser.add_subparsers(dest="command", required=True)
-    info = commands.add_parser("info", help="summary of a store: counts, bytes on disk, compression ratio")
-    info.add_argument("store", help="path of the store directory")
+    info = commands.add_parser("info", parents=[remote], help="summary of a store: counts, bytes on disk, compression ratio")
+    info.add_argument("store", help="path of the store directory, or its URL")
     info.add_argument("--json", action="store_true", help="print the summary as JSON")
     info.set_defaults(run=_cmd_info)
-    verify = commands.add_parser("verify", help="decode every committed entry and check it")
-    verify.add_argument("store", help="path of the store directory")
+    verify = commands.add_parser("verify", parents=[remote], help="decode every committed entry and check it")
+    verify.add_argument("store", help="path of the store directory, or its URL")
     verify.add_argument("--quiet", action="store_true", help="no progress bar")
     verify.add_argument("--require-complete", action="store_true", help="exit 1 when images are not written yet")
     verify.set_defaults(run=_cmd_verify)

@@ -11,7 +11,7 @@ import asyncio
 import json
 import operator
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import zarr
@@ -42,16 +42,26 @@ from cache.format import (
     rpn_key,
     scale_array,
 )
+from cache.storage import is_url, read_url_text, storage_options_for, url_bytes, zarr_store
 
 if TYPE_CHECKING:
     import torch
 
 
-def read_group_attrs(path: str) -> dict | None:
-    """Attributes of the zarr group at `path`, read from its zarr.json; None when there is none.
+def read_group_attrs(path: str, storage_options: dict | None = None) -> dict | None:
+    """Attributes of the zarr group at `path` (a directory or a URL), read from its zarr.json; None when there is none.
 
     A zarr.json that is not a v3 group gives {} (no `format`), which callers treat as "not a store".
     """
+    if is_url(path):
+        text = read_url_text(f"{os.fspath(path).rstrip('/')}/zarr.json", storage_options)
+        if text is None:
+            return None
+        try:
+            meta = json.loads(text)
+        except ValueError:
+            return {}
+        return _group_attributes(meta)
     meta_path = os.path.join(os.fspath(path), "zarr.json")
     if not os.path.isfile(meta_path):
         return None
@@ -60,6 +70,10 @@ def read_group_attrs(path: str) -> dict | None:
             meta = json.load(f)
     except (OSError, ValueError):
         return {}
+    return _group_attributes(meta)
+
+
+def _group_attributes(meta: Any) -> dict:
     if not isinstance(meta, dict) or meta.get("node_type") != "group" or meta.get("zarr_format") != 3:
         return {}
     attrs = meta.get("attributes", {})
@@ -94,9 +108,11 @@ class TeacherFeatureStore:
     The status snapshot is taken at open; call `refresh()` to see shards committed since.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, storage_options: Mapping | str | None = None) -> None:
         self.path = os.fspath(path)
-        attrs = read_group_attrs(self.path)
+        # fsspec options of a URL store (credentials, endpoint); they travel with the object into workers.
+        self.storage_options = storage_options_for(self.path, storage_options)
+        attrs = read_group_attrs(self.path, self.storage_options)
         check_store_attrs(self.path, attrs)
         self.attrs: dict = attrs
         self.layout = StoreLayout.from_attrs(attrs)
@@ -120,7 +136,7 @@ class TeacherFeatureStore:
 
     def refresh(self) -> None:
         """Reload attributes, statuses and sizes (a writer may have committed shards since opening)."""
-        self.attrs = read_group_attrs(self.path) or self.attrs
+        self.attrs = read_group_attrs(self.path, self.storage_options) or self.attrs
         damaged: dict[int, str] = {}
         loaded = {}
         for name in (STATUS, ORIG_HW, RESIZED_HW, PADDED_HW):
@@ -283,7 +299,8 @@ class TeacherFeatureStore:
     def _ensure_open(self) -> None:
         """(Re)open zarr handles in this process; objects made before a fork are never reused."""
         if self._pid != os.getpid():
-            self._group = zarr.open_group(store=self.path, mode="r")
+            store = zarr_store(self.path, self.storage_options, read_only=True)  # an fsspec store per process too
+            self._group = zarr.open_group(store=store, mode="r")
             self._arrays = {}
             names = [features_array(lv) for lv in self.layout.stored_keys]
             if self.codec.quantised:
@@ -324,7 +341,7 @@ class TeacherFeatureStore:
             h = np.ceil(self._resized_hw[done, 0] / stride)
             w = np.ceil(self._resized_hw[done, 1] / stride)
             raw += int(np.sum(h * w)) * self.layout.channels_of(level) * 4 * views
-        on_disk = _directory_bytes(self.path)
+        on_disk = url_bytes(self.path, self.storage_options) if is_url(self.path) else _directory_bytes(self.path)
         images_done = int(np.count_nonzero(done))
         return {
             "path": self.path,

@@ -7,6 +7,7 @@ objects (zarr would silently read them as zeros), sizes outside the layout, and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 from tqdm import tqdm
@@ -56,9 +57,12 @@ class VerifyReport:
         return self.pending == 0
 
 
-def verify_store(path: str, progress: bool = True) -> VerifyReport:
-    """Read every committed entry (all views) and check it; NotAFeatureStoreError if `path` is no store."""
-    store = TeacherFeatureStore(path)
+def verify_store(path: str, progress: bool = True, storage_options: Mapping | str | None = None) -> VerifyReport:
+    """Read every committed entry (all views) and check it; NotAFeatureStoreError if `path` is no store.
+
+    `path` may be a URL (s3://bucket/key.zarr) with fsspec `storage_options` (default $CACHE_STORAGE_OPTIONS).
+    """
+    store = TeacherFeatureStore(path, storage_options)
     report = VerifyReport(path=store.path)
     report.problems += _attribute_problems(store)
     report.problems += _array_problems(store)

@@ -14,7 +14,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import zarr
@@ -45,6 +45,7 @@ from cache.format import (
     scale_array,
 )
 from cache.reader import load_rows_tolerant, read_group_attrs
+from cache.storage import delete_url_tree, is_url, storage_options_for, url_is_occupied, zarr_store
 
 FEATURE_DIMS = ("image", "view", "channel", "y", "x")
 
@@ -89,6 +90,7 @@ class TeacherFeatureWriter:
         dataset: str,
         fingerprint: dict,
         overwrite: bool = False,
+        storage_options: Mapping | str | None = None,
     ) -> "TeacherFeatureWriter":
         """Create the store, or resume it if it was built with exactly these settings.
 
@@ -96,12 +98,14 @@ class TeacherFeatureWriter:
         StoreMismatchError naming every differing field; overwrite=True deletes and recreates it.
         A store whose creation was interrupted (no `created` attribute) is recreated silently.
         Create the store from one process before other ranks open it.
+        `path` may be a URL (s3://bucket/key.zarr) with fsspec `storage_options`.
         """
         path = os.fspath(path)
+        options = storage_options_for(path, storage_options)
         ids = _as_image_ids(image_ids)
         fingerprint = json_normalised(fingerprint)
-        attrs = read_group_attrs(path)
-        if attrs is None and os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        attrs = read_group_attrs(path, options)
+        if attrs is None and _is_occupied(path, options):
             raise NotAFeatureStoreError(
                 f"{path} exists and is not a teacher feature store; refusing to write there. "
                 "Remove it yourself or choose another path."
@@ -113,14 +117,14 @@ class TeacherFeatureWriter:
                     f"{attrs.get('format')!r}); refusing to touch it. Choose another path."
                 )
             if overwrite or "created" not in attrs:
-                _delete_store(path)
+                _delete_store(path, options)
             else:
-                group = zarr.open_group(store=path, mode="r+")
+                group = zarr.open_group(store=zarr_store(path, options), mode="r+")
                 differences = _differences(attrs, group, layout, ids, dataset, fingerprint)
                 if differences:
                     raise StoreMismatchError(path, differences)
                 return cls(path, group, layout, ids)
-        return cls(path, _create_store(path, layout, ids, dataset, fingerprint), layout, ids)
+        return cls(path, _create_store(path, layout, ids, dataset, fingerprint, options), layout, ids)
 
     # ----------------------------------------------------------------- shards
 
@@ -329,14 +333,25 @@ def _as_image_ids(image_ids: Sequence[int]) -> np.ndarray:
     return ids
 
 
-def _delete_store(path: str) -> None:
+def _is_occupied(path: str, options: dict) -> bool:
+    """Something (a file, a non-empty directory, objects under the URL's prefix) is at `path`."""
+    if is_url(path):
+        return url_is_occupied(path, options)
+    return os.path.exists(path) and (not os.path.isdir(path) or bool(os.listdir(path)))
+
+
+def _delete_store(path: str, options: dict | None = None) -> None:
+    if is_url(path):
+        delete_url_tree(path, options)
+        return
     shutil.rmtree(path)
 
 
-def _create_store(path: str, layout: StoreLayout, ids: np.ndarray, dataset: str, fingerprint: dict) -> zarr.Group:
+def _create_store(path: str, layout: StoreLayout, ids: np.ndarray, dataset: str, fingerprint: dict,
+                  options: dict | None = None) -> zarr.Group:
     """Create group and arrays; the full attributes (with `created`) are written last to mark success."""
     group = zarr.open_group(
-        store=path, mode="w", attributes={"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+        store=zarr_store(path, options), mode="w", attributes={"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
     )
     codec = get_codec(layout.codec)
     n, rows, views, channels = len(ids), layout.shard_images, len(layout.views), layout.channels

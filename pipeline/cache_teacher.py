@@ -5,9 +5,12 @@
 The config is the *student's*: its DISTILL node names the teacher (CFG_T, PATH_T) and the
 store (DISTILL.CACHE), its INPUT the training resize, its DATASETS.TRAIN the images.
 Re-running resumes an interrupted store; a store built for other settings is refused.
+Under torchrun (or detectron2's launch with --num-gpus N) each rank writes only its own shards
+(shard % world_size == rank); rank 0 creates the store and finalises it (docs/scale-out.md).
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -18,14 +21,17 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline import compat  # noqa: F401  (before detectron2)
+from pipeline import distributed
 from pipeline.teacher import (TeacherFeatureExtractor, hflip_image, load_teacher_cfg,
                               resize_augmentation, store_resize, teacher_fingerprint)
 from pipeline.trainer import setup, write_json
 from cache import BackgroundShardWriter, ImageEntry, StoreLayout, TeacherFeatureWriter
 from cache.lock import writer_lock
+from cache.storage import is_url, storage_options_for, write_url_text
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
-from detectron2.engine import default_argument_parser
+from detectron2.engine import default_argument_parser, launch
+from detectron2.utils import comm
 
 logger = logging.getLogger("pipeline.cache_teacher")
 
@@ -78,9 +84,9 @@ def _padded(hw, divisibility: int) -> tuple[int, int]:
 def cache_teacher(cfg, overwrite: bool = False) -> dict:
     """Write (or resume) the store at cfg.DISTILL.CACHE.PATH; return the run's summary.
 
-    Holds the store's writer lock (cache/lock.py) throughout: a second writer is refused.
+    Each process holds its rank's writer lock (cache/lock.py) throughout: a second run on the store is refused.
     """
-    with writer_lock(cfg.DISTILL.CACHE.PATH):
+    with writer_lock(cfg.DISTILL.CACHE.PATH, rank=comm.get_rank()):
         return _cache_teacher_locked(cfg, overwrite)
 
 
@@ -98,19 +104,27 @@ def _cache_teacher_locked(cfg, overwrite: bool) -> dict:
         codec=cfg.DISTILL.CACHE.CODEC, flip=cfg.DISTILL.CACHE.FLIP, max_hw=max_side,
         shard_images=cfg.DISTILL.CACHE.SHARD_IMAGES, tile=cfg.DISTILL.CACHE.TILE, rpn_anchors=extractor.rpn_anchors,
     )
-    writer = TeacherFeatureWriter.open(cfg.DISTILL.CACHE.PATH, layout, [d["image_id"] for d in dicts],
-                                       dataset, fingerprint, overwrite=overwrite)
-    shards = writer.pending_shards()
+    def open_writer(overwrite: bool) -> TeacherFeatureWriter:
+        return TeacherFeatureWriter.open(cfg.DISTILL.CACHE.PATH, layout, [d["image_id"] for d in dicts], dataset,
+                                         fingerprint, overwrite=overwrite, storage_options=cfg.DISTILL.CACHE.STORAGE_OPTIONS)
+
+    # Rank 0 creates (or checks) the store and its metadata; then every rank opens it and takes its own
+    # shards, so each zarr shard has exactly one writing process (zarr does no locking).
+    rank, world = comm.get_rank(), comm.get_world_size()
+    writer = open_writer(overwrite) if rank == 0 else None
+    comm.synchronize()
+    writer = writer or open_writer(False)
+    shards = writer.pending_shards(rank, world)
     rows = [r for s in shards for r in writer.shard_rows(s)]
-    logger.info("store %s: %d of %d shards to write (%d images), codec %s, flip %s",
-                cfg.DISTILL.CACHE.PATH, len(shards), writer.num_shards, len(rows), layout.codec, layout.flip)
+    logger.info("store %s: %d of %d shards to write (%d images) on rank %d of %d, codec %s, flip %s",
+                cfg.DISTILL.CACHE.PATH, len(shards), writer.num_shards, len(rows), rank, world, layout.codec, layout.flip)
     teacher_format = load_teacher_cfg(cfg).INPUT.FORMAT
     loader = DataLoader(ResizedImages(dicts, rows, rule, teacher_format), batch_size=None, shuffle=False,
                         num_workers=cfg.DATALOADER.NUM_WORKERS)
     views = layout.views
     start = time.perf_counter()
     infer_seconds, failed, bytes_written = 0.0, {}, 0
-    bar = tqdm(total=len(rows), unit="img", desc="cache-teacher", dynamic_ncols=True)
+    bar = tqdm(total=len(rows), unit="img", desc="cache-teacher", dynamic_ncols=True, disable=rank != 0)
     pending: list[ImageEntry] = []
     shard_iter = iter(shards)
     current = next(shard_iter, None)
@@ -139,17 +153,24 @@ def _cache_teacher_locked(cfg, overwrite: bool) -> dict:
                 bytes_written = background.bytes_written
                 bar.set_postfix_str(f"{bytes_written / 2**20:.1f} MB written")
     bar.close()
+    # Every rank's shards are written once all have reached here; counts are summed over ranks.
+    ranks = distributed.all_gather({"images": len(rows), "failed": len(failed), "teacher_seconds": infer_seconds})
     wall = time.perf_counter() - start
+    if rank != 0:
+        return {"images_written": len(rows), "images_failed_this_run": len(failed), "rank": rank}
+    images = sum(r["images"] for r in ranks)
+    infer_seconds = sum(r["teacher_seconds"] for r in ranks)
     from cache import TeacherFeatureStore
 
-    info = TeacherFeatureStore(cfg.DISTILL.CACHE.PATH).info()
+    info = TeacherFeatureStore(cfg.DISTILL.CACHE.PATH, cfg.DISTILL.CACHE.STORAGE_OPTIONS).info()
     summary = {
-        "images_written": len(rows), "images_total": info["images_total"], "images_failed_this_run": len(failed),
+        "images_written": images, "images_total": info["images_total"],
+        "images_failed_this_run": sum(r["failed"] for r in ranks), "processes": world,
         "bytes_on_disk": info["bytes_on_disk"], "bytes_per_image": info["bytes_per_image"],
         "ratio_vs_fp32": info["ratio_vs_fp32"], "wall_seconds": round(wall, 2),
-        "teacher_seconds": round(infer_seconds, 2),
-        "images_per_second": round(len(rows) / wall, 3) if wall > 0 else None,
-        "teacher_images_per_second": round(len(rows) / infer_seconds, 3) if infer_seconds > 0 else None,
+        "teacher_seconds": round(infer_seconds, 2),  # summed over processes
+        "images_per_second": round(images / wall, 3) if wall > 0 else None,
+        "teacher_images_per_second": round(images / infer_seconds, 3) if infer_seconds > 0 else None,
         "codec": layout.codec, "flip": layout.flip, "path": cfg.DISTILL.CACHE.PATH,
         "failed_this_run": {str(k): v for k, v in failed.items()},  # image id -> why it was unreadable
     }
@@ -157,7 +178,7 @@ def _cache_teacher_locked(cfg, overwrite: bool) -> dict:
     per_image = (f"{summary['bytes_per_image'] / 2**10:.1f} KiB/image, {summary['ratio_vs_fp32']:.2f}x smaller than fp32"
                  if summary["bytes_per_image"] else "no image stored")
     print(f"cache-teacher: {summary['images_written']} images written ({summary['images_total']} in store, "
-          f"{len(failed)} unreadable), {summary['bytes_on_disk'] / 2**20:.1f} MB on disk, {per_image}, "
+          f"{summary['images_failed_this_run']} unreadable), {summary['bytes_on_disk'] / 2**20:.1f} MB on disk, {per_image}, "
           f"{wall:.1f} s -> {cfg.DISTILL.CACHE.PATH}")
     return summary
 
@@ -165,11 +186,20 @@ def _cache_teacher_locked(cfg, overwrite: bool) -> dict:
 def main(args) -> dict:
     cfg = setup(args)
     summary = cache_teacher(cfg, overwrite=args.overwrite)
-    write_json(f"{cfg.DISTILL.CACHE.PATH.rstrip('/')}.summary.json", summary)
+    if comm.is_main_process():
+        target = f"{cfg.DISTILL.CACHE.PATH.rstrip('/')}.summary.json"
+        if is_url(target):
+            write_url_text(target, json.dumps(summary, indent=2, sort_keys=True),
+                           storage_options_for(target, cfg.DISTILL.CACHE.STORAGE_OPTIONS))
+        else:
+            write_json(target, summary)
     return summary
 
 
 if __name__ == "__main__":
     parser = default_argument_parser()
     parser.add_argument("--overwrite", action="store_true", help="delete an existing store and rebuild it")
-    main(parser.parse_args())
+    args = parser.parse_args()
+    # One process per GPU with --num-gpus N (CUDA only); on CPU, or several machines, use torchrun (docs/scale-out.md).
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))

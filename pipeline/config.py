@@ -21,6 +21,9 @@ def add_distill_config(cfg: CN) -> None:
     cfg.DISTILL.INIT_LR = 0.01  # SGD (momentum 0.9) learning rate of that init stage
     cfg.DISTILL.CACHE = CN()
     cfg.DISTILL.CACHE.PATH = "output/embedded/teacher_store.zarr"  # the teacher-feature store (stage one writes it)
+    # fsspec options when PATH is a URL such as s3://bucket/key.zarr, e.g. {client_kwargs: {endpoint_url: ...}};
+    # empty: $CACHE_STORAGE_OPTIONS (JSON). Keep credentials in the environment (AWS_*), not in configs.
+    cfg.DISTILL.CACHE.STORAGE_OPTIONS = CN(new_allowed=True)
     cfg.DISTILL.CACHE.CODEC = "fp16"  # fp16 (lossless on fp16 values) or int8 (per-channel affine)
     cfg.DISTILL.CACHE.FLIP = "stored"  # horizontal flip: "stored" (teacher run on the flipped image), "mirror", "none"
     cfg.DISTILL.CACHE.SHARD_IMAGES = 16  # images per zarr shard: one writer per shard, resume granularity

@@ -27,14 +27,15 @@ class DistillDatasetMapper(DatasetMapper):
     """Reads each training image's teacher features in the DataLoader worker, with the image's own flip."""
 
     @configurable
-    def __init__(self, is_train: bool, *, store_path: str | None = None, on_bad_entry: str = "fail", **kwargs):
+    def __init__(self, is_train: bool, *, store_path: str | None = None, storage_options: dict | None = None,
+                 on_bad_entry: str = "fail", **kwargs):
         super().__init__(is_train, **kwargs)
         if on_bad_entry not in ON_BAD_ENTRY:
             raise ValueError(f"DISTILL.CACHE.ON_BAD_ENTRY={on_bad_entry!r}; choose one of {ON_BAD_ENTRY}")
         self.on_bad_entry = on_bad_entry
         self.augmentations = _RecordingAugmentations(self.augmentations.augs)
-        # Opens lazily in each worker process (zarr's event loop thread does not survive fork).
-        self.store = TeacherFeatureStore(store_path) if store_path else None
+        # Opens lazily in each worker process (zarr's event loop thread does not survive fork), URL stores too.
+        self.store = TeacherFeatureStore(store_path, storage_options) if store_path else None
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
@@ -42,6 +43,7 @@ class DistillDatasetMapper(DatasetMapper):
         if is_train and cfg.DISTILL.ENABLE and cfg.DISTILL.SOURCE == "cache":
             ret["store_path"] = cfg.DISTILL.CACHE.PATH
             ret["on_bad_entry"] = cfg.DISTILL.CACHE.ON_BAD_ENTRY
+            ret["storage_options"] = cfg.DISTILL.CACHE.STORAGE_OPTIONS
         return ret
 
     def __call__(self, dataset_dict):

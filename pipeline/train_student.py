@@ -21,7 +21,8 @@ from pipeline.teacher import store_resize, teacher_fingerprint
 from pipeline.trainer import Trainer, setup, write_json
 from cache import StoreEntryError, StoreMismatchError, TeacherFeatureStore
 from detectron2.data import DatasetCatalog, build_detection_train_loader
-from detectron2.engine import default_argument_parser
+from detectron2.engine import default_argument_parser, launch
+from detectron2.utils import comm
 
 logger = logging.getLogger("pipeline.train_student")
 
@@ -45,7 +46,7 @@ def check_store(cfg) -> dict:
     path = cfg.DISTILL.CACHE.PATH
     if not Path(path).exists() and "://" not in path:
         raise FileNotFoundError(f"teacher-feature store {path} does not exist: build it first (make cache-teacher)")
-    store = TeacherFeatureStore(path)
+    store = TeacherFeatureStore(path, cfg.DISTILL.CACHE.STORAGE_OPTIONS)
     store_resize(cfg)  # refuses multi-scale training with the values to change
     store.check_fingerprint(teacher_fingerprint(cfg))
     dataset = ",".join(cfg.DATASETS.TRAIN)
@@ -118,6 +119,8 @@ def main(args) -> dict:
         "init_stage": json.loads(init_log.read_text()) if init_log.exists() else None,
         "store": {"path": cfg.DISTILL.CACHE.PATH, "fingerprint_sha256": store_info["fingerprint_sha256"]} if store_info else None,
     }
+    if not comm.is_main_process():
+        return metrics  # evaluation results and the metrics file belong to rank 0
     write_json(Path(cfg.OUTPUT_DIR) / "student_metrics.json", metrics)
     print(f"train-student: {metrics['method']} (B={metrics['B']}) {cfg.SOLVER.MAX_ITER} iterations in {wall / 60:.1f} min; "
           f"val box AP {bbox.get('AP', float('nan')):.2f} AP50 {bbox.get('AP50', float('nan')):.2f} -> {cfg.OUTPUT_DIR}")
@@ -125,4 +128,7 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(default_argument_parser().parse_args())
+    args = default_argument_parser().parse_args()
+    # One process per GPU with --num-gpus N (CUDA only); on CPU, or several machines, use torchrun (docs/scale-out.md).
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))

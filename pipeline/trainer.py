@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from pipeline import compat  # noqa: F401  (before detectron2)
-from pipeline import datasets
+from pipeline import datasets, distributed
 from pipeline.config import get_distill_cfg
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.evaluation import COCOEvaluator
@@ -16,7 +16,14 @@ from detectron2.utils.logger import setup_logger
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer that evaluates with the pure-Python COCO API (no compiled detectron2._C needed)."""
+    """DefaultTrainer that evaluates with the pure-Python COCO API (no compiled detectron2._C needed).
+
+    Under several processes a CPU model gets DDP without device_ids (gloo); see distributed.ddp_for_device.
+    """
+
+    def __init__(self, cfg):
+        with distributed.ddp_for_device(cfg.MODEL.DEVICE):
+            super().__init__(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -43,6 +50,7 @@ def setup(args):
     datasets.register_from_cfg(cfg)
     if not cfg.MODEL.DEVICE.startswith("cuda") or not _cuda_available():
         cfg.MODEL.DEVICE = "cpu"
+    distributed.init_from_env(cfg.MODEL.DEVICE)  # torchrun's processes; a no-op for one process or under launch()
     cfg.freeze()
     default_setup(cfg, args)
     # detectron2 sets up its own loggers; ours (store path, fingerprint, ...) join the same log.
