@@ -19,7 +19,7 @@ def add_distill_config(cfg: CN) -> None:
     cfg.DISTILL.LEVELS = ["p2", "p3", "p4", "p5", "p6"]  # FPN levels distilled (student and teacher names)
     cfg.DISTILL.CACHE = CN()
     cfg.DISTILL.CACHE.PATH = "output/embedded/teacher_store.zarr"  # the teacher-feature store (stage one writes it)
-    cfg.DISTILL.CACHE.CODEC = "fp16"  # fp16 (lossless on fp16 values) or int8 (per-channel affine)
+    cfg.DISTILL.CACHE.CODEC = "fp16"  # fp16 (lossless on fp16 values), int8 (per-channel affine), int8-std0.3 (lossy, >= 8x; docs/store-format.md)
     cfg.DISTILL.CACHE.FLIP = "stored"  # horizontal flip: "stored" (teacher run on the flipped image), "mirror", "none"
     cfg.DISTILL.CACHE.SHARD_IMAGES = 16  # images per zarr shard: one writer per shard, resume granularity
     cfg.DISTILL.CACHE.TILE = 64  # spatial size of the inner chunks inside a shard
