@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from cache.codecs import CODECS
+from cache.codecs import get_codec
 
 FORMAT_NAME = "teacher-feature-store"
 FORMAT_VERSION = 1
@@ -95,8 +95,10 @@ class StoreLayout:
             )
         if any(s <= 0 for s in self.strides):
             raise ValueError(f"strides must be positive, got {self.strides}")
-        if self.codec not in CODECS:
-            raise ValueError(f"unknown codec {self.codec!r}; choose one of {sorted(CODECS)}")
+        try:
+            get_codec(self.codec)
+        except ValueError as exc:
+            raise ValueError(f"unknown codec {self.codec!r}: {exc}") from None
         if self.flip not in FLIP_OPTIONS:
             raise ValueError(f"unknown flip option {self.flip!r}; choose one of {FLIP_OPTIONS}")
         if len(self.max_hw) != 2 or min(self.max_hw) <= 0:
