@@ -83,8 +83,13 @@ def _decode_fp16(stored: np.ndarray, params: QuantParams | None = None) -> np.nd
     return stored.astype(np.float32)
 
 
-def _encode_int8_into(x: np.ndarray, out: np.ndarray) -> QuantParams:
-    """Per-channel min/max quantisation to 0..255; max abs error is scale / 2 per channel."""
+def _encode_int8_into(x: np.ndarray, out: np.ndarray, step_std: float = 0.0) -> QuantParams:
+    """Per-channel affine code in 0..255: step (max - min) / 255, or step_std * the channel's std when larger.
+
+    int8 is step_std 0 (max abs error scale / 2 per channel). int8-std<a> makes the error a fixed
+    fraction of each channel's spread, so losses that normalise per channel (nst, attention) see every
+    channel equally perturbed.
+    """
     channels = x.shape[0]
     flat = x.reshape(channels, -1)
     if flat.shape[1] == 0:
@@ -93,34 +98,12 @@ def _encode_int8_into(x: np.ndarray, out: np.ndarray) -> QuantParams:
     hi = flat.max(axis=1).astype(np.float32)
     if not (np.isfinite(lo).all() and np.isfinite(hi).all()):  # min/max propagate NaN and inf
         raise _non_finite_error(x)
-    scale = ((hi.astype(np.float64) - lo) / 255.0).astype(np.float32)
+    scale = (hi.astype(np.float64) - lo) / 255.0
+    if step_std > 0:
+        scale = np.maximum(step_std * flat.std(axis=1, dtype=np.float64), scale)
+    scale = scale.astype(np.float32)
     scale[~(scale > 0)] = 1.0  # constant channel (or a span below float32 resolution)
     # float32 arithmetic (in place, one temporary): rounding error is ~1e-5 of a step, far below scale / 2.
-    q = np.subtract(x, lo[:, None, None], dtype=np.float32)
-    q /= scale[:, None, None]
-    np.rint(q, out=q)
-    np.clip(q, 0, 255, out=q)
-    np.copyto(out, q, casting="unsafe")
-    return QuantParams(scale=scale, offset=lo)
-
-
-def _encode_int8_std_into(x: np.ndarray, out: np.ndarray, step_std: float) -> QuantParams:
-    """int8's affine code with step = step_std * std of the channel, or int8's (max - min) / 255 when larger.
-
-    The error is uniform within +-scale / 2, i.e. a fixed fraction of each channel's spread: losses that
-    normalise per channel (nst, attention) see every channel equally perturbed. Codes stay in 0..255.
-    """
-    channels = x.shape[0]
-    flat = x.reshape(channels, -1)
-    if flat.shape[1] == 0:
-        raise ValueError(f"cannot quantise empty features of shape {x.shape}")
-    lo = flat.min(axis=1).astype(np.float32)
-    hi = flat.max(axis=1).astype(np.float32)
-    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
-        raise _non_finite_error(x)
-    spread = (hi.astype(np.float64) - lo) / 255.0
-    scale = np.maximum(step_std * flat.std(axis=1, dtype=np.float64), spread).astype(np.float32)
-    scale[~(scale > 0)] = 1.0
     q = np.subtract(x, lo[:, None, None], dtype=np.float32)
     q /= scale[:, None, None]
     np.rint(q, out=q)
@@ -156,7 +139,7 @@ def int8_std_codec(name: str) -> FeatureCodec:
     step = float(match["step"]) if match else 0.0
     if not 0 < step <= 8:
         raise ValueError(f"codec {name!r}: the step must be written int8-std<a> with 0 < a <= 8, e.g. {LOSSY_DEFAULT}")
-    return FeatureCodec(name, np.dtype(np.uint8), True, functools.partial(_encode_int8_std_into, step_std=step),
+    return FeatureCodec(name, np.dtype(np.uint8), True, functools.partial(_encode_int8_into, step_std=step),
                         _decode_int8, blosc_typesize=1, blosc_shuffle="noshuffle")
 
 

@@ -115,3 +115,18 @@ def tiny_rpn_store(tmp_path_factory, tiny_teacher) -> dict:
     cfg = make_student_cfg(root, tiny_teacher, "DISTILL.CACHE.RPN", True)
     summary = cache_teacher(cfg)
     return {"cfg": cfg, "path": cfg.DISTILL.CACHE.PATH, "summary": summary, "root": root}
+
+
+def crash_stage_one_at_row(monkeypatch, row: int):
+    """Make stage one's image reader raise KeyboardInterrupt at `row` (a crash mid-run); returns the original."""
+    from pipeline.cache_teacher import ResizedImages
+
+    original = ResizedImages.__getitem__
+
+    def crash(self, i):
+        if self.rows[i] == row:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, i)
+
+    monkeypatch.setattr(ResizedImages, "__getitem__", crash)
+    return original

@@ -5,7 +5,7 @@ import torch
 from cache import StoreMismatchError, TeacherFeatureStore, verify_store
 from pipeline.cache_teacher import ResizedImages, cache_teacher, training_images
 from pipeline.teacher import TeacherFeatureExtractor, store_resize
-from tests.conftest import make_student_cfg
+from tests.conftest import crash_stage_one_at_row, make_student_cfg
 
 
 def _teacher_outputs(cfg, image_ids):
@@ -60,14 +60,7 @@ def test_store_records_sizes_and_verifies(tiny_store):
 
 def test_an_interrupted_run_resumes_to_the_same_store(tmp_path, tiny_teacher, tiny_store, monkeypatch):
     cfg = make_student_cfg(tmp_path, tiny_teacher)
-    original = ResizedImages.__getitem__
-
-    def crash_at_row_9(self, i):
-        if self.rows[i] == 9:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, i)
-
-    monkeypatch.setattr(ResizedImages, "__getitem__", crash_at_row_9)
+    original = crash_stage_one_at_row(monkeypatch, 9)
     with pytest.raises(KeyboardInterrupt):
         cache_teacher(cfg)
     partial = TeacherFeatureStore(cfg.DISTILL.CACHE.PATH).info()

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cache import TeacherFeatureStore, verify_store
-from pipeline.cache_teacher import ResizedImages, cache_teacher
-from tests.conftest import REPO, make_student_cfg
+from pipeline.cache_teacher import cache_teacher
+from tests.conftest import REPO, crash_stage_one_at_row, make_student_cfg
 
 
 def torchrun(nproc: int, module: str, cfg, *args: str, threads: int = 1, timeout: int = 420) -> subprocess.CompletedProcess:
@@ -62,14 +62,7 @@ def test_two_processes_cache_the_same_store_as_one_each_shard_written_once(tmp_p
 
 def test_two_processes_resume_a_store_interrupted_by_one(tmp_path, tiny_teacher, tiny_store, monkeypatch):
     cfg = make_student_cfg(tmp_path, tiny_teacher)
-    original = ResizedImages.__getitem__
-
-    def crash_at_row_9(self, i):
-        if self.rows[i] == 9:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, i)
-
-    monkeypatch.setattr(ResizedImages, "__getitem__", crash_at_row_9)
+    crash_stage_one_at_row(monkeypatch, 9)
     with pytest.raises(KeyboardInterrupt):
         cache_teacher(cfg)
     partial = TeacherFeatureStore(cfg.DISTILL.CACHE.PATH).info()
