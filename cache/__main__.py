@@ -31,9 +31,11 @@ def _info_table(info: dict) -> str:
     rows = [
         ("store", info["path"]),
         ("dataset", info["dataset"]),
-        ("codec", info["codec"]),
+        ("format", f"version {info['format_version']}"),
+        ("codec", info["codec"] + (f", {info['predictor']} predictor" if info["predictor"] != "none" else "")),
         ("flip", info["flip"]),
         ("levels", ", ".join(info["levels"])),
+        ("rpn outputs", f"objectness and deltas, {info['rpn_anchors']} anchors" if info["rpn_anchors"] else "not stored"),
         ("images", f"{info['images_done']} done, {info['images_failed']} unreadable, "
                    f"{info['images_pending']} pending, {info['images_total']} total"),
         ("on disk", f"{_human_bytes(info['bytes_on_disk'])} ({_human_bytes(info['bytes_per_image'])} per done image)"),

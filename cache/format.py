@@ -13,10 +13,13 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from cache.codecs import get_codec
+from cache.codecs import PREDICTORS, get_codec
 
 FORMAT_NAME = "teacher-feature-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 is version 2 without the `predictor` attribute (no predictor): still read, and resumed
+# where the requested layout is the same (an fp16 store is byte-identical in both).
+READABLE_FORMAT_VERSIONS = (1, 2)
 FLIP_OPTIONS = ("none", "mirror", "stored")
 
 # Status values of the per-image `status` array; a row is done only when its status is nonzero.
@@ -79,6 +82,7 @@ class StoreLayout:
     shard_images: int = 16
     tile: int = 64
     rpn_anchors: int = 0  # A: the teacher's RPN outputs are stored per level too when > 0
+    predictor: str | None = None  # of the stored codes; None: the codec's own (cache/codecs.py)
 
     def __post_init__(self) -> None:
         # Normalise lists (e.g. from JSON or YAML) to tuples so layouts compare and hash by value.
@@ -96,9 +100,14 @@ class StoreLayout:
         if any(s <= 0 for s in self.strides):
             raise ValueError(f"strides must be positive, got {self.strides}")
         try:
-            get_codec(self.codec)
+            codec = get_codec(self.codec)
         except ValueError as exc:
             raise ValueError(f"unknown codec {self.codec!r}: {exc}") from None
+        if self.predictor is None:
+            object.__setattr__(self, "predictor", codec.predictor)
+        if self.predictor not in PREDICTORS:
+            raise ValueError(f"unknown predictor {self.predictor!r}; choose one of {PREDICTORS}")
+        codec.with_predictor(self.predictor)  # raises where the codec's dtype cannot take it
         if self.flip not in FLIP_OPTIONS:
             raise ValueError(f"unknown flip option {self.flip!r}; choose one of {FLIP_OPTIONS}")
         if len(self.max_hw) != 2 or min(self.max_hw) <= 0:
@@ -134,6 +143,16 @@ class StoreLayout:
         except ValueError:
             raise KeyError(f"unknown level {level!r}; this store has levels {self.levels}") from None
 
+    def step_scale(self, key: str) -> float:
+        """A lossy codec's step factor at a stored map: the finest stride over its level's (1, 1/2, 1/4, ...).
+
+        RPN output maps get 0, i.e. int8's step: they are 15 of 271 channels, and kd's loss on them is not
+        among the deviations the bench measures for the lossy step.
+        """
+        if "/" in key:
+            return 0.0
+        return min(self.strides) / self.stride(key)
+
     def tile_hw(self, level: str) -> tuple[int, int]:
         """Inner chunk height and width: the tile option, or the whole level when it is smaller."""
         stride = self.stride(level)
@@ -166,6 +185,8 @@ class StoreLayout:
             "tile": self.tile,
             # Written only when RPN outputs are stored, so stores without them keep their attributes.
             **({"rpn_anchors": self.rpn_anchors} if self.rpn_anchors else {}),
+            # Likewise only when there is one: an fp16 store has the attributes of format version 1.
+            **({"predictor": self.predictor} if self.predictor != "none" else {}),
         }
 
     @classmethod
@@ -173,7 +194,13 @@ class StoreLayout:
         missing = [k for k in _LAYOUT_FIELDS if k not in attrs]
         if missing:
             raise ValueError(f"store attributes lack layout fields {missing}")
-        return cls(**{k: attrs[k] for k in _LAYOUT_FIELDS}, rpn_anchors=attrs.get("rpn_anchors", 0))
+        return cls(**{k: attrs[k] for k in _LAYOUT_FIELDS}, rpn_anchors=attrs.get("rpn_anchors", 0),
+                   predictor=attrs.get("predictor", "none"))
+
+    @property
+    def feature_codec(self):
+        """The codec of the stored maps, with this layout's predictor."""
+        return get_codec(self.codec).with_predictor(self.predictor)
 
 
 def _round_up(value: int, multiple: int) -> int:

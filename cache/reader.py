@@ -17,11 +17,11 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from cache.codecs import QuantParams, get_codec
+from cache.codecs import QuantParams
 from cache.format import (
     ERROR,
     FORMAT_NAME,
-    FORMAT_VERSION,
+    READABLE_FORMAT_VERSIONS,
     IMAGE_ID,
     ORIG_HW,
     PADDED_HW,
@@ -89,10 +89,10 @@ def check_store_attrs(path: str, attrs: dict | None) -> None:
             f"{path} is not a teacher feature store: its format attribute is {attrs.get('format')!r}, "
             f"expected {FORMAT_NAME!r}"
         )
-    if attrs.get("format_version") != FORMAT_VERSION:
+    if attrs.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise NotAFeatureStoreError(
-            f"{path} has store format version {attrs.get('format_version')!r}; this code reads version "
-            f"{FORMAT_VERSION}. Rebuild the store or use matching code."
+            f"{path} has store format version {attrs.get('format_version')!r}; this code reads versions "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}. Rebuild the store or use matching code."
         )
     if "created" not in attrs:
         raise NotAFeatureStoreError(
@@ -116,7 +116,7 @@ class TeacherFeatureStore:
         check_store_attrs(self.path, attrs)
         self.attrs: dict = attrs
         self.layout = StoreLayout.from_attrs(attrs)
-        self.codec = get_codec(self.layout.codec)
+        self.codec = self.layout.feature_codec
         self.fingerprint: dict = attrs.get("fingerprint", {})
         self.dataset: str = attrs.get("dataset", "")
         self._pid: int | None = None
@@ -347,7 +347,10 @@ class TeacherFeatureStore:
             "path": self.path,
             "dataset": self.dataset,
             "codec": self.layout.codec,
+            "predictor": self.layout.predictor,
+            "format_version": self.attrs.get("format_version"),
             "levels": list(self.layout.levels),
+            "rpn_anchors": self.layout.rpn_anchors,
             "flip": self.layout.flip,
             "images_total": len(self),
             "images_done": images_done,

@@ -21,11 +21,11 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.core.sync import sync
 
-from cache.codecs import get_codec
 from cache.format import (
     ERROR,
     FORMAT_NAME,
     FORMAT_VERSION,
+    READABLE_FORMAT_VERSIONS,
     IMAGE_ID,
     ORIG_HW,
     PADDED_HW,
@@ -76,7 +76,7 @@ class TeacherFeatureWriter:
         self.num_images = len(image_ids)
         self.num_shards = -(-self.num_images // layout.shard_images)
         self._group = group
-        self._codec = get_codec(layout.codec)
+        self._codec = layout.feature_codec
         self._arrays: dict[str, zarr.Array] = {}
 
     # ----------------------------------------------------------------- opening
@@ -279,6 +279,7 @@ class TeacherFeatureWriter:
         box_w = _round_up(max(w for _, w in sizes), tile_w)
         features = self._array(features_array(level))
         n, channels = len(rows), layout.channels_of(level)
+        step_scale = layout.step_scale(level)
         scale = np.zeros((n, len(layout.views), channels), np.float32)
         offset = np.zeros_like(scale)
         written = 0
@@ -292,7 +293,7 @@ class TeacherFeatureWriter:
                 h, w = sizes[i]
                 x = np.asarray(entry.features[view][level], dtype=np.float32)
                 try:
-                    params = codec.encode_into(x, block[i, :, :h, :w])
+                    params = codec.encode_into(x, block[i, :, :h, :w], step_scale)
                 except ValueError as exc:
                     raise ValueError(f"image {entry.image_id}, {view}/{level}: {exc}") from None
                 if params is not None:
@@ -353,7 +354,7 @@ def _create_store(path: str, layout: StoreLayout, ids: np.ndarray, dataset: str,
     group = zarr.open_group(
         store=zarr_store(path, options), mode="w", attributes={"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
     )
-    codec = get_codec(layout.codec)
+    codec = layout.feature_codec
     n, rows, views, channels = len(ids), layout.shard_images, len(layout.views), layout.channels
     checksum = [Crc32cCodec()]
     for level in layout.stored_keys:
@@ -366,6 +367,7 @@ def _create_store(path: str, layout: StoreLayout, ids: np.ndarray, dataset: str,
             dtype=codec.dtype,
             chunks=(1, 1, channels, tile_h, tile_w),
             shards=(rows, 1, channels, h, w),
+            filters=codec.zarr_filters(),
             serializer=BytesCodec(),
             compressors=codec.zarr_compressors(),
             fill_value=0,
@@ -401,7 +403,7 @@ def _differences(
 ) -> list[str]:
     """Every field in which the existing store differs from the requested one."""
     lines = []
-    if attrs.get("format_version") != FORMAT_VERSION:
+    if attrs.get("format_version") not in READABLE_FORMAT_VERSIONS:
         lines.append(f"format_version: store has {attrs.get('format_version')}, expected {FORMAT_VERSION}")
     wanted = layout.to_attrs()
     for key, value in wanted.items():

@@ -331,6 +331,27 @@ def test_rpn_outputs_round_trip_and_a_mirrored_read_negates_dx(tmp_path, codec):
     assert torch.equal(mirrored["rpn_objectness/p2"], torch.flip(plain["rpn_objectness/p2"], dims=[-1]))
 
 
+def test_a_lossy_codec_keeps_int8s_step_on_rpn_outputs_and_its_own_on_features(tmp_path):
+    from dataclasses import replace
+
+    from cache import TeacherFeatureStore, TeacherFeatureWriter
+
+    layout = replace(_rpn_layout("stored"), codec="int8-std0.5", predictor="plane")
+    assert [layout.step_scale(k) for k in layout.stored_keys] == [1.0, 0.5, 0.0, 0.0, 0.0, 0.0]
+    writer = TeacherFeatureWriter.open(str(tmp_path / "s"), layout, [1, 2], "toy", {"t": 1})
+    entries = [_rpn_entry(1, layout), _rpn_entry(2, layout)]
+    writer.write_shard(0, entries)
+    got = TeacherFeatureStore(str(tmp_path / "s")).read(1)
+    for key in layout.stored_keys:
+        x = entries[0].features["orig"][key]
+        err = np.abs(got[key].numpy() - x).max(axis=(1, 2))
+        int8_half_step = (x.max(axis=(1, 2)) - x.min(axis=(1, 2))) / 255 / 2 * (1 + 1e-4) + 1e-6
+        if key.startswith("rpn_"):
+            assert np.all(err <= int8_half_step), key
+    p2 = entries[0].features["orig"]["p2"]
+    assert np.abs(got["p2"].numpy() - p2).max() > ((p2.max() - p2.min()) / 255 / 2)  # coarser than int8 there
+
+
 def test_resuming_a_store_without_rpn_outputs_for_one_with_them_names_the_field(tmp_path):
     from dataclasses import replace
 

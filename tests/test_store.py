@@ -619,10 +619,13 @@ def test_store_decodes_by_hand_following_the_format_document(tmp_path):
             if offset == 2**64 - 1:
                 continue
             tile = np.frombuffer(blosc.decompress(_crc_checked(shard[offset : offset + nbytes])), np.uint8)
-            q[:, ty * tile_h : (ty + 1) * tile_h, tx * tile_w : (tx + 1) * tile_w] = tile.reshape(channels, tile_h, tile_w)
+            tile = tile.reshape(tile_h, tile_w, channels).transpose(2, 0, 1)  # int8 chunks are channels-last
+            q[:, ty * tile_h : (ty + 1) * tile_h, tx * tile_w : (tx + 1) * tile_w] = tile
     side = {}
     for name in ("scale", "offset"):
         raw = _crc_checked(_read_bytes(root, name, level, "c", str(k), "0", "0"))
         side[name] = np.frombuffer(raw, "<f4").reshape(s, len(attrs["views"]), channels)[r, view]
-    by_hand = q[:, :h, :w].astype(np.float32) * side["scale"][:, None, None] + side["offset"][:, None, None]
+    assert attrs["predictor"] == "plane"  # stored bytes are residuals: two wrapping running sums give the codes
+    codes = np.cumsum(np.cumsum(q[:, :h, :w], axis=1, dtype=np.uint8), axis=2, dtype=np.uint8)
+    by_hand = codes.astype(np.float32) * side["scale"][:, None, None] + side["offset"][:, None, None]
     assert np.array_equal(by_hand, TeacherFeatureStore(root).read(307, flip=True)[level].numpy())
