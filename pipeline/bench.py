@@ -1,6 +1,7 @@
 """Benchmarks of the teacher-feature store: step cost, stage-one throughput, reader rate, codecs, flip, parity.
 
     python -m pipeline.bench [--quick] [--sections codecs,sweep ...] [--out BENCHMARKS.md]
+    python -m pipeline.bench --render output/bench/bench.json     (the report again, from a run's JSON)
     make bench BENCH_OPTS="--sections codecs"     (make bench alone runs every section)
 
 Every figure is measured here, on this machine's CPU (the device is always "cpu"), at two input sizes:
@@ -49,7 +50,7 @@ from pipeline.teacher import (TeacherFeatureExtractor, hflip_image, load_teacher
 from pipeline.teacher_source import CachedTeacher, LiveTeacher
 from pipeline.train_student import StudentTrainer
 from cache import StoreMismatchError, TeacherFeatureStore
-from cache.codecs import BLOSC_CLEVEL, LOSSY_DEFAULT, get_codec
+from cache.codecs import BLOSC_CLEVEL, LOSSY_DEFAULT, get_codec, plane_residuals_
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
@@ -673,8 +674,8 @@ def measure_codecs(size: str, ctx: dict, n_batches: int) -> dict:
 
 
 # Candidates measured in memory (section 4b): name -> what to do with one (C, h, w) level.
-CANDIDATE_STEPS = (0.1, 0.15, 0.2, 0.25, 0.3)
-CANDIDATE_PCA_K = (64, 128)
+CANDIDATE_STEPS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
+CANDIDATE_PCA_K = (64,)
 
 
 def _affine_codes(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -688,13 +689,18 @@ def _affine_codes(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     return q.astype(np.uint8), (q * scale[:, None, None] + lo[:, None, None]).astype(np.float32)
 
 
-def _tile_bytes(codes: np.ndarray, tile: int, shuffle: int) -> int:
-    """Bytes of (C, h, w) codes as the store compresses them: blosc zstd per tile x tile chunk, + crc32c."""
+def _tile_bytes(codes: np.ndarray, tile: int, shuffle: int, channels_last: bool = False) -> int:
+    """Bytes of (C, h, w) codes as the store compresses them: blosc zstd per tile x tile chunk, + crc32c.
+
+    Edge tiles are compressed without the store's zero padding; channels_last serialises each tile
+    (h, w, C) as the int8 codecs' stores do.
+    """
     from numcodecs import Blosc
 
     blosc = Blosc(cname="zstd", clevel=BLOSC_CLEVEL, shuffle=shuffle)
     c, h, w = codes.shape
-    return sum(len(blosc.encode(np.ascontiguousarray(codes[:, y:y + tile, x:x + tile]))) + 4
+    order = (1, 2, 0) if channels_last else (0, 1, 2)
+    return sum(len(blosc.encode(np.ascontiguousarray(codes[:, y:y + tile, x:x + tile].transpose(order)))) + 4
                for y in range(0, h, tile) for x in range(0, w, tile))
 
 
@@ -710,17 +716,23 @@ def _fit_pca(samples: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]
 
 def measure_codec_candidates(size: str, ctx: dict, n_batches: int) -> dict:
     """Lossy encodings measured in memory on the fp32 teacher features, before any is made a store codec:
-    int8-std<a> for several steps, 4/5-bit per-channel codes (one code per byte, zstd unshuffled, so the 3-4
-    unused bits cost ~nothing), a per-level PCA basis (fitted on the first half of the images, coefficients
-    in fp16), and whether p6 can be dropped (p6 == p5[..., ::2, ::2] exactly). Bytes: compressed tiles as
-    the store writes them plus 8 B/channel of scale and offset; error and loss_kd deviation as section 4."""
+    int8 with and without the plane predictor, int8-std<a> for several steps (as the store encodes it: a at
+    p2, halving per level, plane predictor), the same step at every level (the rule before), 4/5-bit
+    per-channel codes (one code per byte, plane predictor, zstd unshuffled, so the unused bits cost ~nothing),
+    a per-level PCA basis (fitted on the first half of the images, coefficients in fp16), and whether p6 can be
+    dropped (p6 == p5[..., ::2, ::2] exactly). Bytes: compressed tiles as the store writes them plus 8 B/channel
+    of scale and offset; error and loss_kd deviation as section 4."""
     from numcodecs import Blosc
 
     ensure_fp32(size, ctx)
     feats = ctx["fp32"][size]
     ids = sorted(feats)
-    tile = student_cfg(size, ctx).DISTILL.CACHE.TILE
+    cfg = student_cfg(size, ctx)
+    tile = cfg.DISTILL.CACHE.TILE
     levels = list(next(iter(feats.values()))["orig"])
+    # The store's rule (StoreLayout.step_scale): finest stride over the level's; FPN level pK has stride 2**K.
+    strides = {lv: 2 ** int(lv[1:]) for lv in levels}
+    step_scale = {lv: min(strides.values()) / strides[lv] for lv in levels}
     p6_exact = all(torch.equal(v["p6"], v["p5"][:, ::2, ::2]) for f in feats.values() for v in f.values()) \
         if {"p5", "p6"} <= set(levels) else None
     fit_ids = ids[: max(1, len(ids) // 2)]
@@ -736,26 +748,36 @@ def measure_codec_candidates(size: str, ctx: dict, n_batches: int) -> dict:
             return _tile_bytes(coef.reshape(-1, h, w), tile, Blosc.SHUFFLE), dec.reshape(c, h, w)
         return encode
 
-    def codec_encode(name):
+    def codec_encode(name, predictor=None, per_level=True):
         codec = get_codec(name)
+        codec = codec.with_predictor(predictor or codec.predictor)
         shuffle = Blosc.NOSHUFFLE if codec.blosc_shuffle == "noshuffle" else Blosc.BITSHUFFLE
+        channels_last = codec.channels_last_chunks
+        if codec.predictor == "none" and codec.name == "int8":
+            shuffle, channels_last = Blosc.BITSHUFFLE, False  # int8 of format version 1
 
         def encode(x, lv):
-            stored, params = codec.encode(x)
-            return _tile_bytes(stored, tile, shuffle) + 8 * x.shape[0], codec.decode(stored, params)
+            stored, params = codec.encode(x, step_scale[lv] if per_level else 1.0)
+            return (_tile_bytes(stored, tile, shuffle, channels_last) + 8 * x.shape[0],
+                    codec.decode(stored, params))
         return encode
 
     def bits_encode(bits):
         def encode(x, lv):
             codes, dec = _affine_codes(x, bits)
-            return _tile_bytes(codes, tile, Blosc.NOSHUFFLE) + 8 * x.shape[0], dec
+            plane_residuals_(codes)
+            return _tile_bytes(codes, tile, Blosc.NOSHUFFLE, channels_last=True) + 8 * x.shape[0], dec
         return encode
 
-    candidates = {"int8 (for reference)": codec_encode("int8")}
+    candidates = {"int8 without predictor (format 1)": codec_encode("int8", predictor="none"),
+                  "int8": codec_encode("int8")}
     candidates.update({f"int8-std{a:g}": codec_encode(f"int8-std{a:g}") for a in CANDIDATE_STEPS})
+    candidates.update({f"int8-std{a:g}, same step every level": codec_encode(f"int8-std{a:g}", per_level=False)
+                       for a in (0.1, 0.15)})
     candidates.update({f"{b}-bit per channel": bits_encode(b) for b in (5, 4)})
     candidates.update({f"PCA k={k}, fp16 coefficients": pca_encode(k) for k in CANDIDATE_PCA_K})
-    out = {"p6_equals_p5_subsampled": p6_exact, "pca_fit_images": len(fit_ids), "candidates": {}}
+    out = {"p6_equals_p5_subsampled": p6_exact, "pca_fit_images": len(fit_ids), "step_scale": step_scale,
+           "candidates": {}}
     raw = sum(x.numel() * 4 for f in feats.values() for v in f.values() for x in v.values())
     p6_raw = sum(v["p6"].numel() * 4 for f in feats.values() for v in f.values()) if "p6" in levels else 0
     out["p6_share_of_raw"] = p6_raw / raw
@@ -1110,9 +1132,10 @@ def _render_codecs(results: dict, size_label: dict) -> list[str]:
     for size in SIZES:
         for codec in CODEC_NAMES[1:]:
             c = results["codecs"][size][codec]
-            worst = max(c["loss_kd_rel_dev"].values())
+            method = max(c["loss_kd_rel_dev"], key=c["loss_kd_rel_dev"].get)
+            worst = c["loss_kd_rel_dev"][method]
             rows.append([size_label[size] if codec == CODEC_NAMES[1] else "", codec, _fmt(c["ratio_vs_fp32"]),
-                         verdict(c["ratio_vs_fp32"], *TARGETS["lossy_ratio"]), _fmt(worst),
+                         verdict(c["ratio_vs_fp32"], *TARGETS["lossy_ratio"]), f"{_fmt(worst)} ({method})",
                          verdict(worst, *TARGETS["lossy_loss_kd_rel_dev"])])
     parts += ["Target (issue 7): a lossy codec ≥ 8x smaller than raw fp32 with every method's loss_kd within 1%.", "",
               _table(["size", "codec", "ratio vs fp32", "≥ 8x", "max loss_kd deviation", "≤ 1%"], rows), ""]
@@ -1127,19 +1150,25 @@ def _render_codec_candidates(results: dict, size_label: dict) -> list[str]:
              "Encodings measured in memory on the fp32 teacher features of section 4's images before one became a "
              "store codec: bytes are the compressed 64x64 tiles as the store writes them plus scale/offset (no shard "
              "index or metadata, so ratios are a little above a store's); loss_kd deviation as in section 4 (largest "
-             f"over the same batches). PCA: a per-level basis fitted on the first {first['pca_fit_images']} images, "
+             "over the same batches, with the method that deviates most). int8 and int8-std<a> store plane-predictor "
+             "residuals; int8-std<a> has step a channel std at p2, halving per level (the store's rule), or the same "
+             "step at every level (the rule before); 4/5-bit codes with the plane predictor. "
+             f"PCA: a per-level basis fitted on the first {first['pca_fit_images']} images, "
              "fp16 coefficients. p6 is p5[..., ::2, ::2] exactly on every image and view: "
              + ", ".join(f"{size} {'yes' if cc[size]['p6_equals_p5_subsampled'] else 'NO'}" for size in SIZES)
              + "; dropping it would save " + ", ".join(f"{cc[size]['p6_share_of_raw']:.2%}" for size in SIZES)
              + " of the raw bytes (embedded, COCO size), so the store keeps it.", ""]
     rows = []
     for size in SIZES:
-        for i, (name, c) in enumerate(cc[size]["candidates"].items()):
-            worst = max(c["loss_kd_rel_dev"].values())
+        by_ratio = sorted(cc[size]["candidates"].items(), key=lambda item: item[1]["ratio_vs_fp32"])
+        for i, (name, c) in enumerate(by_ratio):
+            method = max(c["loss_kd_rel_dev"], key=c["loss_kd_rel_dev"].get)
+            worst = c["loss_kd_rel_dev"][method]
             rows.append([size_label[size] if i == 0 else "", name, _fmt(c["ratio_vs_fp32"])]
-                        + [_fmt(c["rel_l2"][lv]) for lv in levels] + [_fmt(worst),
+                        + [_fmt(c["rel_l2"][lv]) for lv in levels] + [f"{_fmt(worst)} ({method})",
                         "yes" if c["ratio_vs_fp32"] >= 8 and worst <= 0.01 else "no"])
-    parts += [_table(["size", "candidate", "ratio vs fp32"] + [f"rel L2 {lv}" for lv in levels]
+    parts += ["Rows by ratio vs fp32.", "",
+              _table(["size", "candidate", "ratio vs fp32"] + [f"rel L2 {lv}" for lv in levels]
                      + ["max loss_kd deviation", "≥ 8x and ≤ 1%"], rows), ""]
     return parts
 
@@ -1326,7 +1355,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--sections", default="", help=f"comma-separated subset of {','.join(SECTIONS)} (default: all); "
                         "a subset writes output/bench/BENCHMARKS-<sections>.md unless --out is given")
     parser.add_argument("--out", default=None, help="the Markdown report to write (default BENCHMARKS.md for a full run)")
+    parser.add_argument("--render", metavar="JSON", default=None,
+                        help="measure nothing: write the Markdown report (--out, default BENCHMARKS.md) of a bench JSON")
     args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+        Path(args.out or "BENCHMARKS.md").write_text(render(results))
+        log(f"wrote {args.out or 'BENCHMARKS.md'} from {args.render}")
+        return results
     torch.set_num_threads(2)
     sections = selected_sections([x for x in args.sections.replace(" ", ",").split(",") if x])
     out = args.out or ("BENCHMARKS.md" if sections == list(SECTIONS) else
