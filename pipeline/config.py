@@ -24,7 +24,7 @@ def add_distill_config(cfg: CN) -> None:
     # fsspec options when PATH is a URL such as s3://bucket/key.zarr, e.g. {client_kwargs: {endpoint_url: ...}};
     # empty: $CACHE_STORAGE_OPTIONS (JSON). Keep credentials in the environment (AWS_*), not in configs.
     cfg.DISTILL.CACHE.STORAGE_OPTIONS = CN(new_allowed=True)
-    cfg.DISTILL.CACHE.CODEC = "fp16"  # fp16 (lossless on fp16 values), int8 (per-channel affine), int8-std<a> (lossy: step a channel std; docs/store-format.md)
+    cfg.DISTILL.CACHE.CODEC = "fp16"  # fp16 (lossless on fp16 values), int8 (per-channel affine), int8-std<a> (lossy: step a channel std at p2, halving per level; docs/store-format.md)
     cfg.DISTILL.CACHE.FLIP = "stored"  # horizontal flip: "stored" (teacher run on the flipped image), "mirror", "none"
     cfg.DISTILL.CACHE.SHARD_IMAGES = 16  # images per zarr shard: one writer per shard, resume granularity
     cfg.DISTILL.CACHE.TILE = 64  # spatial size of the inner chunks inside a shard
