@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from cache.codecs import PREDICTORS, get_codec
+from cache.codecs import FeatureCodec, get_codec
 
 FORMAT_NAME = "teacher-feature-store"
 FORMAT_VERSION = 2
@@ -105,9 +105,7 @@ class StoreLayout:
             raise ValueError(f"unknown codec {self.codec!r}: {exc}") from None
         if self.predictor is None:
             object.__setattr__(self, "predictor", codec.predictor)
-        if self.predictor not in PREDICTORS:
-            raise ValueError(f"unknown predictor {self.predictor!r}; choose one of {PREDICTORS}")
-        codec.with_predictor(self.predictor)  # raises where the codec's dtype cannot take it
+        codec.with_predictor(self.predictor)  # raises for an unknown predictor or one the dtype cannot take
         if self.flip not in FLIP_OPTIONS:
             raise ValueError(f"unknown flip option {self.flip!r}; choose one of {FLIP_OPTIONS}")
         if len(self.max_hw) != 2 or min(self.max_hw) <= 0:
@@ -149,9 +147,9 @@ class StoreLayout:
         RPN output maps get 0, i.e. int8's step: they are 15 of 271 channels, and kd's loss on them is not
         among the deviations the bench measures for the lossy step.
         """
-        if "/" in key:
+        if key.rpartition("/")[0]:
             return 0.0
-        return min(self.strides) / self.stride(key)
+        return level_step_scale(self.stride(key), min(self.strides))
 
     def tile_hw(self, level: str) -> tuple[int, int]:
         """Inner chunk height and width: the tile option, or the whole level when it is smaller."""
@@ -198,9 +196,14 @@ class StoreLayout:
                    predictor=attrs.get("predictor", "none"))
 
     @property
-    def feature_codec(self):
+    def feature_codec(self) -> FeatureCodec:
         """The codec of the stored maps, with this layout's predictor."""
         return get_codec(self.codec).with_predictor(self.predictor)
+
+
+def level_step_scale(stride: int, finest_stride: int) -> float:
+    """int8-std<a>'s factor on its step at a level: 1 at the finest, halving with each doubling of the stride."""
+    return finest_stride / stride
 
 
 def _round_up(value: int, multiple: int) -> int:

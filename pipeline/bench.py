@@ -50,6 +50,7 @@ from pipeline.teacher import (TeacherFeatureExtractor, hflip_image, load_teacher
 from pipeline.teacher_source import CachedTeacher, LiveTeacher
 from pipeline.train_student import StudentTrainer
 from cache import StoreMismatchError, TeacherFeatureStore
+from cache.format import level_step_scale
 from cache.codecs import BLOSC_CLEVEL, LOSSY_DEFAULT, get_codec, plane_residuals_
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
@@ -730,9 +731,8 @@ def measure_codec_candidates(size: str, ctx: dict, n_batches: int) -> dict:
     cfg = student_cfg(size, ctx)
     tile = cfg.DISTILL.CACHE.TILE
     levels = list(next(iter(feats.values()))["orig"])
-    # The store's rule (StoreLayout.step_scale): finest stride over the level's; FPN level pK has stride 2**K.
-    strides = {lv: 2 ** int(lv[1:]) for lv in levels}
-    step_scale = {lv: min(strides.values()) / strides[lv] for lv in levels}
+    strides = {lv: 2 ** int(lv[1:]) for lv in levels}  # FPN level pK has stride 2**K
+    step_scale = {lv: level_step_scale(strides[lv], min(strides.values())) for lv in levels}
     p6_exact = all(torch.equal(v["p6"], v["p5"][:, ::2, ::2]) for f in feats.values() for v in f.values()) \
         if {"p5", "p6"} <= set(levels) else None
     fit_ids = ids[: max(1, len(ids) // 2)]
