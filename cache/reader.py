@@ -11,7 +11,7 @@ import asyncio
 import json
 import operator
 import os
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import zarr
@@ -186,25 +186,36 @@ class TeacherFeatureStore:
 
     # ----------------------------------------------------------------- features
 
-    def read(self, image_id: int, flip: bool = False) -> dict[str, torch.Tensor]:
+    def read(self, image_id: int, flip: bool = False, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Features of one image: level -> float32 (C, h_l, w_l), cropped to the valid size.
 
         flip=True serves the horizontally flipped image: the stored "hflip" view, or the mirrored
-        "orig" view when the store was written with flip="mirror".
+        "orig" view when the store was written with flip="mirror". keys: the stored maps to read
+        (default all, `layout.stored_keys`); a student reads only what its method compares.
         """
         import torch  # here, not at module level: the CLI and verify need no torch (saves ~2 s per start)
 
         row = self.row(image_id)
         view = self._view_index(flip)
-        result = self._read_rows([(row, view)])[0]
+        result = self._read_rows([(row, view)], self._checked_keys(keys))[0]
         if isinstance(result, BaseException):
             raise result
         tensors = {level: torch.from_numpy(x) for level, x in result.items()}
         if flip and self.layout.flip == "mirror":
             tensors = {level: torch.flip(t, dims=[-1]) for level, t in tensors.items()}
             for level in self.layout.levels if self.layout.rpn_anchors else ():
-                tensors[rpn_key(RPN_DELTAS, level)][0::4] *= -1  # a mirrored box moves the other way: dx changes sign
+                deltas = tensors.get(rpn_key(RPN_DELTAS, level))
+                if deltas is not None:
+                    deltas[0::4] *= -1  # a mirrored box moves the other way: dx changes sign
         return tensors
+
+    def _checked_keys(self, keys: Sequence[str] | None) -> tuple[str, ...]:
+        if keys is None:
+            return self.layout.stored_keys
+        unknown = [k for k in keys if k not in self.layout.stored_keys]
+        if unknown:
+            raise KeyError(f"feature store {self.path} holds no {unknown}; it stores {list(self.layout.stored_keys)}")
+        return tuple(keys)
 
     def _view_index(self, flip: bool) -> int:
         if not flip:
@@ -240,8 +251,9 @@ class TeacherFeatureStore:
         except Exception as exc:  # noqa: BLE001 - a damaged reason must not hide the status
             return f"reason unavailable ({type(exc).__name__}: {exc})"
 
-    def _read_rows(self, requests: list[tuple[int, int]]) -> list[dict[str, np.ndarray] | StoreEntryError]:
-        """Decoded features for each (row, view), or the StoreEntryError explaining why not.
+    def _read_rows(self, requests: list[tuple[int, int]],
+                   keys: tuple[str, ...] | None = None) -> list[dict[str, np.ndarray] | StoreEntryError]:
+        """Decoded features (of `keys`, default all) for each (row, view), or the StoreEntryError explaining why not.
 
         All arrays of all requests are fetched in one batch of concurrent zarr reads.
         """
@@ -253,18 +265,19 @@ class TeacherFeatureStore:
                 out[i] = StoreEntryError.for_entry(int(self.image_ids[row]), self.path, problem)
             else:
                 fetch.append(i)
+        keys = self.layout.stored_keys if keys is None else keys
         if fetch:
             self._ensure_open()
-            fetched = sync(_gather([self._fetch(*requests[i]) for i in fetch]))
+            fetched = sync(_gather([self._fetch(*requests[i], keys) for i in fetch]))
             for i, arrays in zip(fetch, fetched):
-                out[i] = self._decode(requests[i][0], arrays)
+                out[i] = self._decode(requests[i][0], arrays, keys)
         return out
 
-    async def _fetch(self, row: int, view: int) -> dict[str, Any]:
+    async def _fetch(self, row: int, view: int, keys: tuple[str, ...]) -> dict[str, Any]:
         """Raw stored arrays (or the exception each read raised) for one (row, view), keyed by array name."""
         selections: dict[str, tuple] = {}
         resized = self._resized_hw[row]
-        for level in self.layout.stored_keys:
+        for level in keys:
             h, w = self.layout.valid_hw(level, resized)
             selections[features_array(level)] = (row, view, slice(None), slice(0, h), slice(0, w))
             if self.codec.quantised:
@@ -276,7 +289,7 @@ class TeacherFeatureStore:
         )
         return dict(zip(selections, results))
 
-    def _decode(self, row: int, arrays: dict[str, Any]) -> dict[str, np.ndarray] | StoreEntryError:
+    def _decode(self, row: int, arrays: dict[str, Any], keys: tuple[str, ...]) -> dict[str, np.ndarray] | StoreEntryError:
         image_id = int(self.image_ids[row])
         for name, value in arrays.items():
             if isinstance(value, BaseException):
@@ -286,7 +299,7 @@ class TeacherFeatureStore:
                     f"run `python -m cache verify {self.path}` and rewrite the store",
                 )
         decoded = {}
-        for level in self.layout.stored_keys:
+        for level in keys:
             stored = np.asarray(arrays[features_array(level)])
             params = None
             if self.codec.quantised:

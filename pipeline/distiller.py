@@ -14,6 +14,11 @@ from torch import nn
 from pipeline.losses import DistillLoss
 
 
+def teacher_keys(levels, source: str) -> list[str]:
+    """Names of the teacher maps a method compares: the levels ("features"), or "<source>/<level>" (kd)."""
+    return [level if source == "features" else f"{source}/{level}" for level in levels]
+
+
 def pad_teacher_level(features: list[torch.Tensor], image_sizes, stride: int, shape: tuple[int, int],
                       level: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack per-image (C, h, w) maps into (B, C, H, W) zeros-padded, and the (B, 1, H, W) validity mask."""
@@ -57,8 +62,7 @@ class Distiller(nn.Module):
 
     def keys(self) -> list[str]:
         """The student/teacher map names compared: the levels, or e.g. "rpn_objectness/p2" for kd."""
-        source = self.loss.source
-        return [level if source == "features" else f"{source}/{level}" for level in self.levels]
+        return teacher_keys(self.levels, self.loss.source)
 
     def inputs(self, student_features: dict[str, torch.Tensor] | None, teacher_features: list[dict[str, torch.Tensor]],
                image_sizes, padded_hw: tuple[int, int] | None = None):

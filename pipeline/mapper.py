@@ -10,6 +10,8 @@ from detectron2.data import transforms as T
 
 from cache import StoreEntryError, TeacherFeatureStore
 from cache.format import STATUS_UNREADABLE
+from pipeline.distiller import teacher_keys
+from pipeline.losses import loss_class
 
 logger = logging.getLogger(__name__)
 ON_BAD_ENTRY = ("fail", "skip")
@@ -28,7 +30,7 @@ class DistillDatasetMapper(DatasetMapper):
 
     @configurable
     def __init__(self, is_train: bool, *, store_path: str | None = None, storage_options: dict | None = None,
-                 on_bad_entry: str = "fail", **kwargs):
+                 on_bad_entry: str = "fail", teacher_keys: list[str] | None = None, **kwargs):
         super().__init__(is_train, **kwargs)
         if on_bad_entry not in ON_BAD_ENTRY:
             raise ValueError(f"DISTILL.CACHE.ON_BAD_ENTRY={on_bad_entry!r}; choose one of {ON_BAD_ENTRY}")
@@ -36,6 +38,10 @@ class DistillDatasetMapper(DatasetMapper):
         self.augmentations = _RecordingAugmentations(self.augmentations.augs)
         # Opens lazily in each worker process (zarr's event loop thread does not survive fork), URL stores too.
         self.store = TeacherFeatureStore(store_path, storage_options) if store_path else None
+        # Only the maps the method compares (None: all). Ones the store lacks are left to the distiller,
+        # whose error says how to build a store that has them.
+        self.teacher_keys = None if self.store is None or teacher_keys is None else \
+            [k for k in teacher_keys if k in self.store.layout.stored_keys]
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
@@ -44,6 +50,7 @@ class DistillDatasetMapper(DatasetMapper):
             ret["store_path"] = cfg.DISTILL.CACHE.PATH
             ret["on_bad_entry"] = cfg.DISTILL.CACHE.ON_BAD_ENTRY
             ret["storage_options"] = cfg.DISTILL.CACHE.STORAGE_OPTIONS
+            ret["teacher_keys"] = teacher_keys(cfg.DISTILL.LEVELS, loss_class(cfg.DISTILL.DISTILL).source)
         return ret
 
     def __call__(self, dataset_dict):
@@ -64,7 +71,8 @@ class DistillDatasetMapper(DatasetMapper):
         hflip = sum(isinstance(t, T.HFlipTransform) for t in transforms) % 2 == 1
         image_id = dataset_dict["image_id"]
         try:
-            features = self.store.read(image_id, flip=hflip)  # raises StoreEntryError for unwritten or damaged entries
+            # raises StoreEntryError for unwritten or damaged entries
+            features = self.store.read(image_id, flip=hflip, keys=self.teacher_keys)
         except StoreEntryError as exc:
             if self.on_bad_entry == "fail":
                 raise

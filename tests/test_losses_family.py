@@ -352,6 +352,39 @@ def test_a_lossy_codec_keeps_int8s_step_on_rpn_outputs_and_its_own_on_features(t
     assert np.abs(got["p2"].numpy() - p2).max() > ((p2.max() - p2.min()) / 255 / 2)  # coarser than int8 there
 
 
+def test_a_read_of_some_keys_returns_exactly_those_as_a_full_read_has_them_and_refuses_unknown_ones(tmp_path):
+    from dataclasses import replace
+
+    from cache import TeacherFeatureStore, TeacherFeatureWriter
+
+    layout = replace(_rpn_layout("mirror"), codec="int8", predictor="plane")
+    writer = TeacherFeatureWriter.open(str(tmp_path / "s"), layout, [1, 2], "toy", {"t": 1})
+    writer.write_shard(0, [_rpn_entry(1, layout), _rpn_entry(2, layout)])
+    store = TeacherFeatureStore(str(tmp_path / "s"))
+    for flip in (False, True):  # the mirrored read negates dx of the deltas it reads
+        full = store.read(1, flip=flip)
+        some = store.read(1, flip=flip, keys=["p3", "rpn_deltas/p2"])
+        assert list(some) == ["p3", "rpn_deltas/p2"]
+        assert all(torch.equal(some[k], full[k]) for k in some)
+    with pytest.raises(KeyError, match=r"holds no \['p4'\]"):
+        store.read(1, keys=["p2", "p4"])
+
+
+@pytest.mark.parametrize("method, expected", [("hint", ["p2", "p3", "p4", "p5", "p6"]),
+                                              ("kd", [f"rpn_objectness/p{i}" for i in range(2, 7)])])
+def test_the_students_mapper_reads_only_the_maps_its_method_compares(method, expected, tiny_rpn_store, tiny_teacher,
+                                                                     tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    from pipeline.mapper import DistillDatasetMapper
+
+    cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", tiny_rpn_store["path"],
+                           "DISTILL.DISTILL", method, "INPUT.RANDOM_FLIP", "none")
+    item = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[0]
+    features = DistillDatasetMapper(cfg, True)(dict(item))["teacher_features"]
+    assert sorted(features) == sorted(expected)
+
+
 def test_resuming_a_store_without_rpn_outputs_for_one_with_them_names_the_field(tmp_path):
     from dataclasses import replace
 

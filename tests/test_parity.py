@@ -3,6 +3,7 @@ import copy
 
 import torch
 
+from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from pipeline.cache_teacher import cache_teacher
@@ -10,7 +11,7 @@ from pipeline.distill_rcnn import build_distiller, student_outputs
 from pipeline.losses import METHODS
 from pipeline.teacher import TeacherFeatureExtractor
 from pipeline.teacher_source import CachedTeacher, LiveTeacher
-from pipeline.train_student import StudentTrainer
+from pipeline.mapper import DistillDatasetMapper
 from tests.conftest import make_student_cfg
 
 # int8 keeps 8 bits per value with a per-channel scale. Measured here on this tiny R18 teacher,
@@ -27,7 +28,9 @@ def _losses(cfg):
     """
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    batch = next(iter(StudentTrainer.build_train_loader(cfg)))
+    mapper = DistillDatasetMapper(cfg, True)
+    mapper.teacher_keys = None  # every stored map (a student reads only its method's): one batch for all fourteen
+    batch = next(iter(build_detection_train_loader(cfg, mapper=mapper)))
     with student_outputs(model, rpn=True) as captured, EventStorage(0), torch.no_grad():
         model(batch)
     sizes = [tuple(x["image"].shape[-2:]) for x in batch]
