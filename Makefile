@@ -25,11 +25,11 @@ STORE_OPTS := $(if $(STORE),DISTILL.CACHE.PATH $(STORE)) $(if $(CODEC),DISTILL.C
 .PHONY: setup data teacher cache-teacher train-student baseline sweep demo test bench clean kill-test
 
 setup: .venv/.setup-done
-.venv/.setup-done: requirements.txt scripts/setup.sh
-	bash scripts/setup.sh
+.venv/.setup-done: requirements.txt tools/setup.sh
+	bash tools/setup.sh
 
 data: setup
-	$(PY) -m pipeline.embedded_data --variant $(VARIANT)
+	$(PY) -m tools.embedded_data --variant $(VARIANT)
 
 teacher: data
 	$(PY) -m pipeline.train_teacher --config-file $(TEACHER_CFG) $(OPTS)
@@ -46,7 +46,7 @@ baseline: data
 	  OUTPUT_DIR output/embedded/student/baseline $(if $(ITERS),SOLVER.MAX_ITER $(ITERS)) $(OPTS)
 
 demo: setup
-	$(PY) -m pipeline.demo $(if $(ITERS),--iters $(ITERS)) --method $(METHOD) --b $(B)
+	$(PY) -m tools.demo $(if $(ITERS),--iters $(ITERS)) --method $(METHOD) --b $(B)
 
 test: setup
 	$(PY) -m pytest -q tests
@@ -54,13 +54,13 @@ test: setup
 # SIGKILL stage one at random moments, resume, verify, compare bitwise with a clean run (not part of `test`).
 TRIALS ?= 10
 kill-test: setup
-	$(PY) scripts/kill_loop.py --trials $(TRIALS)
+	$(PY) tools/kill_loop.py --trials $(TRIALS)
 
 bench: teacher
-	$(PY) -m pipeline.bench $(BENCH_OPTS)
+	$(PY) -m tools.bench $(BENCH_OPTS)
 
 sweep: cache-teacher
-	$(PY) -m pipeline.sweep --methods $(METHODS) $(if $(ITERS),--iters $(ITERS)) $(OPTS)
+	$(PY) -m tools.sweep --methods $(METHODS) $(if $(ITERS),--iters $(ITERS)) $(OPTS)
 
 clean:
 	rm -rf output

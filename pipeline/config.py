@@ -1,7 +1,6 @@
 """The DISTILL config node (the original live-teacher design's keys plus the store's)."""
 from __future__ import annotations
 
-from pipeline import compat  # noqa: F401  (before detectron2)
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
@@ -14,7 +13,7 @@ def add_distill_config(cfg: CN) -> None:
     cfg.DISTILL.CFG_T = ""  # teacher config file (yacs), relative to the working directory
     cfg.DISTILL.DISTILL = "hint"  # method: hint, attention, similarity, nst, rkd, pkt, kdsvd, fsp, correlation, vid, crd, abound, factor, kd
     cfg.DISTILL.TRIAL = 0  # trial number, as in the original design: tells repeated runs of one setting apart
-    cfg.DISTILL.B = -1.0  # weight of loss_kd (times the mean over levels); < 0: the method's default (losses.DEFAULT_WEIGHTS)
+    cfg.DISTILL.B = -1.0  # weight of loss_kd (times the mean over levels); < 0: the method's default_weight
     cfg.DISTILL.SOURCE = "cache"  # "cache": read the teacher's features from the store; "live": run the teacher
     cfg.DISTILL.LEVELS = ["p2", "p3", "p4", "p5", "p6"]  # FPN levels distilled (student and teacher names)
     cfg.DISTILL.INIT_ITERS = 20  # iterations of a method's init stage before training (abound, factor); 0 skips it

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 
-from pipeline import compat  # noqa: F401  (before detectron2)
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.utils.events import get_event_storage
@@ -26,7 +25,7 @@ def image_index(cfg) -> dict[int, int]:
 
         ids = TeacherFeatureStore(cfg.DISTILL.CACHE.PATH).image_ids.tolist()
     else:
-        from pipeline.cache_teacher import training_images
+        from pipeline.stage_one import training_images
 
         ids = [d["image_id"] for d in training_images(cfg.DATASETS.TRAIN)]
     return {int(image_id): row for row, image_id in enumerate(ids)}

@@ -16,7 +16,6 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from pipeline import compat  # noqa: F401  (before detectron2)
 from detectron2.utils import comm
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import compat  # noqa: F401  (before detectron2)
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 
-from pipeline import compat  # noqa: F401  (before detectron2)
 from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import compat  # noqa: F401  (before detectron2)
 from pipeline.config import get_distill_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode

@@ -16,7 +16,7 @@ class CachedTeacher:
                     {k: v.to(device, non_blocking=True) for k, v in x["teacher_features"].items()} for x in batched_inputs]
         except KeyError:
             raise KeyError("an input has no 'teacher_features': DISTILL.SOURCE 'cache' needs the training loader "
-                           "built with DistillDatasetMapper (pipeline.train_student does this)") from None
+                           "built with DistillDatasetMapper (pipeline.stage_two.StudentTrainer does this)") from None
 
 
 class LiveTeacher:

@@ -1,7 +1,8 @@
 """Train the embedded R101-FPN teacher once with detectron2's trainer, then evaluate it on val.
 
 Skips when the checkpoint exists (pass --force to retrain). Writes `model_final.pth` and
-`teacher_metrics.json` (val AP, training time) to the config's OUTPUT_DIR.
+`teacher_metrics.json` (val AP, training time) to the config's OUTPUT_DIR. `--eval-only` evaluates
+MODEL.WEIGHTS (default: that checkpoint) without training, as detectron2's tools/train_net.py does.
 """
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline import compat  # noqa: F401  (before detectron2)
 from pipeline.trainer import Trainer, setup, write_json
 from detectron2.engine import default_argument_parser
 
@@ -20,6 +20,16 @@ def main(args) -> dict:
     cfg = setup(args)
     out = Path(cfg.OUTPUT_DIR)
     final, metrics_file = out / "model_final.pth", out / "teacher_metrics.json"
+    if args.eval_only:
+        if not cfg.MODEL.WEIGHTS and not final.exists():
+            raise SystemExit(f"teacher --eval-only: no weights to evaluate: set MODEL.WEIGHTS or train {final} first")
+        cfg.defrost()
+        cfg.MODEL.WEIGHTS = cfg.MODEL.WEIGHTS or str(final)
+        cfg.freeze()
+        bbox = Trainer.evaluate_weights(cfg)
+        print(f"teacher --eval-only: {cfg.MODEL.WEIGHTS}: val box AP {bbox.get('AP', float('nan')):.2f} "
+              f"AP50 {bbox.get('AP50', float('nan')):.2f}")
+        return {"bbox": bbox}
     if final.exists() and metrics_file.exists() and not args.force:
         metrics = json.loads(metrics_file.read_text())
         print(f"teacher: {final} exists (box AP {metrics['bbox'].get('AP', float('nan')):.2f}); --force retrains")

@@ -6,9 +6,9 @@ import os
 import time
 from pathlib import Path
 
-from pipeline import compat  # noqa: F401  (before detectron2)
 from pipeline import datasets, distributed
 from pipeline.config import get_distill_cfg
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
@@ -30,7 +30,6 @@ class Trainer(DefaultTrainer):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
         return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
 
-
     @classmethod
     def train_and_evaluate(cls, cfg, resume: bool = False) -> tuple[dict, float]:
         """Train (or resume) to SOLVER.MAX_ITER, evaluated at the end by detectron2's EvalHook.
@@ -42,6 +41,14 @@ class Trainer(DefaultTrainer):
         start = time.perf_counter()
         trainer.train()
         return bbox_metrics(getattr(trainer, "_last_eval_results", {})), time.perf_counter() - start
+
+    @classmethod
+    def evaluate_weights(cls, cfg, resume: bool = False) -> dict:
+        """`--eval-only`, as detectron2's train_net.py: build the model, load MODEL.WEIGHTS (or with resume the
+        last checkpoint in OUTPUT_DIR) and evaluate it on DATASETS.TEST; return the bbox metrics."""
+        model = cls.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+        return bbox_metrics(cls.test(cfg, model))
 
 
 def setup(args):

@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
 torch.set_num_threads(2)
 
-from pipeline import compat  # noqa: E402,F401  (before detectron2)
+import pipeline  # noqa: E402,F401  (compat shims, registrations)
 from pipeline import datasets  # noqa: E402,F401  (registers embedded_tiny_*)
 
 BASE = REPO / "configs" / "embedded" / "Base-Embedded-FPN.yaml"
@@ -49,7 +49,7 @@ SOLVER:
 
 @pytest.fixture(scope="session")
 def tiny_data() -> Path:
-    from pipeline.embedded_data import generate
+    from tools.embedded_data import generate
     from pipeline.datasets import embedded_root
 
     root = embedded_root("tiny")
@@ -98,7 +98,7 @@ def student_cfg(tmp_path, tiny_teacher):
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory, tiny_teacher) -> dict:
     """An fp16 store of the tiny teacher over embedded_tiny_train, built once by stage one."""
-    from pipeline.cache_teacher import cache_teacher
+    from pipeline.stage_one import cache_teacher
 
     root = tmp_path_factory.mktemp("store_fp16")
     cfg = make_student_cfg(root, tiny_teacher)
@@ -109,7 +109,7 @@ def tiny_store(tmp_path_factory, tiny_teacher) -> dict:
 @pytest.fixture(scope="session")
 def tiny_rpn_store(tmp_path_factory, tiny_teacher) -> dict:
     """An fp16 store of the tiny teacher that also holds its RPN outputs (DISTILL.CACHE.RPN True), for kd."""
-    from pipeline.cache_teacher import cache_teacher
+    from pipeline.stage_one import cache_teacher
 
     root = tmp_path_factory.mktemp("store_rpn")
     cfg = make_student_cfg(root, tiny_teacher, "DISTILL.CACHE.RPN", True)
@@ -119,7 +119,7 @@ def tiny_rpn_store(tmp_path_factory, tiny_teacher) -> dict:
 
 def crash_stage_one_at_row(monkeypatch, row: int):
     """Make stage one's image reader raise KeyboardInterrupt at `row` (a crash mid-run); returns the original."""
-    from pipeline.cache_teacher import ResizedImages
+    from pipeline.stage_one import ResizedImages
 
     original = ResizedImages.__getitem__
 

@@ -28,17 +28,14 @@ METHODS: tuple[str, ...] = tuple(name for name, _cls in DISTILL_LOSS_REGISTRY)
 
 # Weight B per method that makes loss_kd start near 0.5 (the detector's own losses start near 2.5),
 # measured on the embedded default: R50-FPN student at initialisation, the embedded R101-FPN teacher.
-# DISTILL.B < 0 selects these; RepDistiller's classification defaults differ because its losses
-# are normalised differently.
-DEFAULT_WEIGHTS: dict[str, float] = {
-    "hint": 0.05, "attention": 100.0, "similarity": 30.0, "nst": 10.0, "rkd": 0.2, "pkt": 20000.0, "kdsvd": 2.0,
-    "fsp": 0.002, "correlation": 30.0, "vid": 0.2, "crd": 0.03, "abound": 0.2, "factor": 40.0, "kd": 0.1,
-}
+# Each loss class carries its own (`default_weight`); DISTILL.B < 0 selects it. RepDistiller's
+# classification defaults differ because its losses are normalised differently.
+DEFAULT_WEIGHTS: dict[str, float] = {name: cls.default_weight for name, cls in DISTILL_LOSS_REGISTRY}
 
 
 def loss_weight(method: str, b: float) -> float:
-    """DISTILL.B, or the method's DEFAULT_WEIGHTS entry when B is negative."""
-    return DEFAULT_WEIGHTS[method] if b < 0 else float(b)
+    """DISTILL.B, or the method's default_weight when B is negative."""
+    return loss_class(method).default_weight if b < 0 else float(b)
 
 
 def loss_class(name: str) -> type[DistillLoss]:

@@ -30,6 +30,8 @@ class ABLoss(DistillLoss):
     training keeps it in loss_kd (RepDistiller then drops it; DISTILL.B 0 does the same).
     """
 
+    default_weight = 0.2  # B that starts loss_kd near 0.5 on the embedded default (tools/measure_weights.py)
+
     own_connectors = True
     shape_args = ("student_channels", "teacher_channels", "num_levels")
     init_stage = "student"

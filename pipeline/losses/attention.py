@@ -25,6 +25,8 @@ class AttentionLoss(DistillLoss):
     differ (the map averages over channels).
     """
 
+    default_weight = 100.0  # B that starts loss_kd near 0.5 on the embedded default (tools/measure_weights.py)
+
     def __init__(self, p: float = 2.0) -> None:
         super().__init__()
         if p <= 0:

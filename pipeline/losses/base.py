@@ -122,6 +122,7 @@ class DistillLoss(nn.Module):
     """
 
     method: str = ""  # the registry name, set by register_loss
+    default_weight: float = 1.0  # B when DISTILL.B < 0: each method measures its own (tools/measure_weights.py)
     # What a method needs beyond the default; the Distiller reads these, so the training loop never
     # has to know which method it runs.
     source: str = "features"  # maps compared per level: "features", or "rpn_objectness" (the RPN's logits)

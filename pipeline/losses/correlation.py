@@ -26,6 +26,8 @@ class CorrelationLoss(DistillLoss):
     then both embeddings can collapse to one point, where every correlation is 1 and the loss 0).
     """
 
+    default_weight = 30.0  # B that starts loss_kd near 0.5 on the embedded default (tools/measure_weights.py)
+
     own_connectors = True
     shape_args = ("student_channels", "teacher_channels", "num_levels")
 

@@ -59,6 +59,8 @@ class CRDLoss(DistillLoss):
     identical (detectron2 trains with broadcast_buffers=False, so buffers are never re-sent).
     """
 
+    default_weight = 0.03  # B that starts loss_kd near 0.5 on the embedded default (tools/measure_weights.py)
+
     own_connectors = True
     shape_args = ("student_channels", "teacher_channels", "num_levels", "num_images")
     needs_image_index = True

@@ -64,6 +64,8 @@ class FactorTransferLoss(DistillLoss):
     is computed without gradient) and the translator trains with the student.
     """
 
+    default_weight = 40.0  # B that starts loss_kd near 0.5 on the embedded default (tools/measure_weights.py)
+
     own_connectors = True
     shape_args = ("student_channels", "teacher_channels")
     init_stage = "teacher"

@@ -45,6 +45,8 @@ class FSPLoss(DistillLoss):
     the student to the teacher's width first).
     """
 
+    default_weight = 0.002  # B that starts loss_kd near 0.5 on the embedded default (tools/measure_weights.py)
+
     def forward(self, students: Sequence[Tensor], teachers: Sequence[Tensor], masks: Sequence[Tensor]) -> Tensor:
         check_levels(students, teachers, masks)
         if len(students) < 2:

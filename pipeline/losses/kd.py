@@ -28,6 +28,8 @@ class RPNObjectnessKDLoss(DistillLoss):
     deltas (stored too) alone. Student and teacher need the same anchors per position.
     """
 
+    default_weight = 0.1  # B that starts loss_kd near 0.5 on the embedded default (tools/measure_weights.py)
+
     source = "rpn_objectness"
 
     def __init__(self, temperature: float = 4.0) -> None:

@@ -109,6 +109,8 @@ class KDSVDLoss(DistillLoss):
     Student and teacher need the same width at each level (the RBF maps must match).
     """
 
+    default_weight = 2.0  # B that starts loss_kd near 0.5 on the embedded default (tools/measure_weights.py)
+
     def __init__(self, k: int = 1) -> None:
         super().__init__()
         if k < 1:

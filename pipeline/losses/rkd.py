@@ -38,6 +38,8 @@ class RKDLoss(DistillLoss):
     and N x N x N tensors, weights 25 and 50, as RepDistiller. Channel widths may differ.
     """
 
+    default_weight = 0.2  # B that starts loss_kd near 0.5 on the embedded default (tools/measure_weights.py)
+
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, max_samples: int = 128) -> None:
         super().__init__()
         if max_samples < 2:

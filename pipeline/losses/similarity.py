@@ -24,6 +24,8 @@ class SimilarityLoss(DistillLoss):
     networks and the loss is identically 0. Channel widths may differ.
     """
 
+    default_weight = 30.0  # B that starts loss_kd near 0.5 on the embedded default (tools/measure_weights.py)
+
     def level_loss(self, student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
         batch = student.shape[0]
         difference = batch_similarity(student, mask) - batch_similarity(teacher, mask)

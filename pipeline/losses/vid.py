@@ -33,6 +33,8 @@ class VIDLoss(DistillLoss):
     levels. A 1x1 regressor sees no neighbours, so padding cannot leak into valid positions.
     """
 
+    default_weight = 0.2  # B that starts loss_kd near 0.5 on the embedded default (tools/measure_weights.py)
+
     own_connectors = True
     shape_args = ("student_channels", "teacher_channels", "num_levels")
 

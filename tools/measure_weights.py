@@ -1,6 +1,6 @@
 """Measure each method's loss_kd at B = 1 at initialisation, and the weight that makes it start near 0.5.
 
-    python -m pipeline.measure_weights --config-file configs/embedded/student_R50_FPN.yaml --batches 3
+    python -m tools.measure_weights --config-file configs/embedded/student_R50_FPN.yaml --batches 3
 
 How losses.DEFAULT_WEIGHTS were chosen: a few training batches, the student at initialisation,
 the live teacher (with its RPN, for kd), each method's trainable parts at their initialisation.
@@ -15,14 +15,13 @@ import math
 
 import torch
 
-from pipeline import compat  # noqa: F401  (before detectron2)
 from pipeline import datasets
 from pipeline.config import get_distill_cfg
 from pipeline.distill_rcnn import build_distiller, student_outputs
 from pipeline.losses import METHODS
 from pipeline.teacher import TeacherFeatureExtractor
 from pipeline.teacher_source import LiveTeacher
-from pipeline.train_student import StudentTrainer
+from pipeline.stage_two import StudentTrainer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 

@@ -1,7 +1,7 @@
 """Reliability: damaged entries, write failures, two writers, wrong stores, resumed training, untrusted files.
 
 docs/reliability.md lists each fault with the test here that proves its behaviour. Bad input images are
-in tests/test_bad_images.py; SIGKILL at random moments is scripts/kill_loop.py (make kill-test).
+in tests/test_bad_images.py; SIGKILL at random moments is tools/kill_loop.py (make kill-test).
 """
 import errno
 import json
@@ -23,10 +23,10 @@ from cache.lock import StoreLockedError, lock_path, writer_lock
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from pipeline.cache_teacher import cache_teacher
+from pipeline.stage_one import cache_teacher
 from pipeline.mapper import DistillDatasetMapper
 from pipeline.teacher import build_teacher
-from pipeline.train_student import StudentTrainer, check_store
+from pipeline.stage_two import StudentTrainer, check_store
 from tests.conftest import REPO, make_student_cfg
 
 # ---------------------------------------------------------------- stage two: damaged entries

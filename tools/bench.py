@@ -1,7 +1,7 @@
 """Benchmarks of the teacher-feature store: step cost, stage-one throughput, reader rate, codecs, flip, parity.
 
-    python -m pipeline.bench [--quick] [--sections codecs,sweep ...] [--out BENCHMARKS.md]
-    python -m pipeline.bench --render output/bench/bench.json     (the report again, from a run's JSON)
+    python -m tools.bench [--quick] [--sections codecs,sweep ...] [--out BENCHMARKS.md]
+    python -m tools.bench --render output/bench/bench.json     (the report again, from a run's JSON)
     make bench BENCH_OPTS="--sections codecs"     (make bench alone runs every section)
 
 Every figure is measured here, on this machine's CPU (the device is always "cpu"), at two input sizes:
@@ -37,10 +37,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import compat  # noqa: F401  (before detectron2)
 from pipeline import datasets as _datasets  # noqa: F401  (registers embedded_*)
 from pipeline import distill_rcnn as _distill_rcnn  # noqa: F401  (registers DistillRCNN)
-from pipeline.cache_teacher import ResizedImages, cache_teacher, training_images
+from pipeline.stage_one import ResizedImages, cache_teacher, training_images
 from pipeline.config import get_distill_cfg
 from pipeline.datasets import register_coco_format
 from pipeline.losses import METHODS, build_distill_loss, loss_class
@@ -48,7 +47,7 @@ from pipeline.mapper import DistillDatasetMapper
 from pipeline.teacher import (TeacherFeatureExtractor, hflip_image, load_teacher_cfg, resize_augmentation,
                               store_resize)
 from pipeline.teacher_source import CachedTeacher, LiveTeacher
-from pipeline.train_student import StudentTrainer
+from pipeline.stage_two import StudentTrainer
 from cache import StoreMismatchError, TeacherFeatureStore
 from cache.format import level_step_scale
 from cache.codecs import BLOSC_CLEVEL, LOSSY_DEFAULT, get_codec, plane_residuals_
@@ -1367,7 +1366,7 @@ def main(argv=None) -> dict:
     sections = selected_sections([x for x in args.sections.replace(" ", ",").split(",") if x])
     out = args.out or ("BENCHMARKS.md" if sections == list(SECTIONS) else
                        str(BENCH_DIR / ("BENCHMARKS-" + "-".join(sections) + ".md")))
-    command = "python -m pipeline.bench" + (" --quick" if args.quick else "") + (
+    command = "python -m tools.bench" + (" --quick" if args.quick else "") + (
         f" --sections {args.sections}" if args.sections else "") + (f" --out {args.out}" if args.out else "")
     return run(args.quick, out, command, sections)
 

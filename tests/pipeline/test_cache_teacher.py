@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from cache import StoreMismatchError, TeacherFeatureStore, verify_store
-from pipeline.cache_teacher import ResizedImages, cache_teacher, training_images
+from pipeline.stage_one import ResizedImages, cache_teacher, training_images
 from pipeline.teacher import TeacherFeatureExtractor, store_resize
 from tests.conftest import crash_stage_one_at_row, make_student_cfg
 

@@ -3,7 +3,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pipeline.embedded_data import CLASSES, VARIANTS, generate
+from tools.embedded_data import CLASSES, VARIANTS, generate
 
 
 def _digest(root: Path) -> dict:

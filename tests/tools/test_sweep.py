@@ -1,7 +1,7 @@
 """The sweep's results: one row per run in CSV and markdown, and a plot against baseline and teacher."""
 import csv
 
-from pipeline.sweep import write_results
+from tools.sweep import write_results
 
 
 def test_results_table_csv_and_plot_hold_every_run(tmp_path):

@@ -13,7 +13,7 @@ fi
 VPY="$VENV/bin/python"
 stamp="$VENV/.setup-done"
 req=requirements.txt
-if [ -f "$stamp" ] && [ "$stamp" -nt "$req" ] && [ "$stamp" -nt scripts/setup.sh ] \
+if [ -f "$stamp" ] && [ "$stamp" -nt "$req" ] && [ "$stamp" -nt tools/setup.sh ] \
    && "$VPY" -c "import detectron2, zarr, torch" 2>/dev/null; then
   echo "setup: .venv is up to date"
   exit 0

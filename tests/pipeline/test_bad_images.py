@@ -18,10 +18,10 @@ from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from pipeline import datasets
-from pipeline.cache_teacher import cache_teacher
+from pipeline.stage_one import cache_teacher
 from pipeline.mapper import DistillDatasetMapper
 from pipeline.teacher import TeacherFeatureExtractor, convert_format
-from pipeline.train_student import StudentTrainer, check_store
+from pipeline.stage_two import StudentTrainer, check_store
 from tests.conftest import make_student_cfg
 
 DATASET = "bad_images_train"

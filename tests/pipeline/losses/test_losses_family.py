@@ -28,8 +28,8 @@ from pipeline.losses.factor import FactorTransferLoss
 from pipeline.losses.fsp import FSPLoss
 from pipeline.losses.kd import RPNObjectnessKDLoss
 from pipeline.losses.vid import VIDLoss
-from tests.conftest import make_student_cfg
-from tests.test_losses import LEVEL_VALID, box_mask, fill_padding, two_level_batch
+from tests.conftest import REPO, make_student_cfg
+from tests.pipeline.losses.test_losses import LEVEL_VALID, box_mask, fill_padding, two_level_batch
 
 NEW_METHODS = ("fsp", "correlation", "vid", "crd", "abound", "factor", "kd")
 # Methods whose value is a sum of per-image terms (crd pools each image; correlation samples the batch).
@@ -75,11 +75,11 @@ def test_all_fourteen_methods_are_registered_with_a_default_weight():
 
 
 def test_the_sweep_runs_all_fourteen_by_default_and_stops_early_when_the_store_lacks_rpn_outputs():
-    from pipeline.sweep import check_store_serves
+    from tools.sweep import check_store_serves
 
-    config = str(Path(__file__).parent.parent / "configs" / "embedded" / "student_R50_FPN.yaml")
+    config = str(REPO / "configs" / "embedded" / "student_R50_FPN.yaml")
     check_store_serves(config, list(METHODS), [])  # the embedded default stores RPN outputs
-    makefile = (Path(__file__).parent.parent / "Makefile").read_text()
+    makefile = (REPO / "Makefile").read_text()
     assert f"METHODS ?= {' '.join(METHODS)}" in makefile
     with pytest.raises(SystemExit, match="DISTILL.CACHE.RPN"):
         check_store_serves(config, ["hint", "kd"], ["DISTILL.CACHE.RPN", "False"])
@@ -398,7 +398,7 @@ def test_resuming_a_store_without_rpn_outputs_for_one_with_them_names_the_field(
 
 def test_kd_refuses_a_store_without_rpn_outputs_saying_how_to_build_one(tiny_store, tiny_teacher, tmp_path):
     from cache import StoreMismatchError
-    from pipeline.train_student import check_store
+    from pipeline.stage_two import check_store
 
     cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", tiny_store["path"], "DISTILL.DISTILL", "kd")
     with pytest.raises(StoreMismatchError, match="DISTILL.CACHE.RPN True"):
@@ -475,7 +475,7 @@ def test_the_init_stage_lowers_its_loss_on_a_repeated_batch(method, tiny_rpn_sto
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
     from pipeline.init_stage import init_stage_parameters, run_init_stage
-    from pipeline.train_student import StudentTrainer
+    from pipeline.stage_two import StudentTrainer
 
     cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", tiny_rpn_store["path"], "DISTILL.DISTILL", method)
     torch.manual_seed(0)

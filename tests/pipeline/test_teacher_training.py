@@ -13,7 +13,7 @@ from pipeline.config import get_distill_cfg
 from pipeline.trainer import Trainer
 from tests.conftest import write_tiny_config
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO  # noqa: E402
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml") if not p.name.startswith("Base"))
 
 

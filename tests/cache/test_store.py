@@ -40,7 +40,7 @@ CHANNELS = 32  # 256 in the real model; fewer keeps the tests fast without chang
 MAX_HW = (160, 160)
 FINGERPRINT = {"model": {"weights": "teacher_r101.pth", "config_sha256": "ab12"}, "input": {"min_size": 800}}
 IDS = [101, 205, 307, 409, 511, 613, 715, 817]  # 4 shards of 2 images
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO  # noqa: E402
 
 
 def make_layout(codec: str = "fp16", flip: str = "stored", shard_images: int = 2, tile: int = 16) -> StoreLayout:

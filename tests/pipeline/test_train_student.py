@@ -9,7 +9,7 @@ from cache import StoreMismatchError
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from pipeline import distill_rcnn, teacher
-from pipeline.train_student import StudentTrainer, check_store
+from pipeline.stage_two import StudentTrainer, check_store
 from tests.conftest import make_student_cfg
 
 
@@ -65,6 +65,15 @@ def test_train_student_logs_loss_kd_and_writes_metrics(tiny_store, tiny_teacher,
     assert any("loss_kd" in row for row in logged)
     assert "AP" in metrics["bbox"] and metrics["store"]["fingerprint_sha256"]
     assert json.loads((out / "student_metrics.json").read_text())["method"] == "hint"
+
+    # --eval-only evaluates the given weights and trains nothing, as detectron2's train_net.py does.
+    final = out / "model_final.pth"
+    stamp = final.stat().st_mtime_ns
+    (out / "metrics.json").unlink()
+    evaluated = main(default_argument_parser().parse_args(
+        ["--config-file", str(cfg_file), "--eval-only", "MODEL.WEIGHTS", str(final)]))
+    assert evaluated["bbox"] == pytest.approx(metrics["bbox"], abs=1e-6)
+    assert final.stat().st_mtime_ns == stamp and not (out / "metrics.json").exists()
 
 
 def test_a_different_student_resize_is_refused_naming_the_field(tiny_store, tiny_teacher, tmp_path):

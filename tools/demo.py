@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     iters = ["SOLVER.MAX_ITER", str(args.iters)] if args.iters else []
     times: dict[str, float] = {}
-    _stage("data", ["pipeline.embedded_data"], times)
+    _stage("data", ["tools.embedded_data"], times)
     _stage("teacher", ["pipeline.train_teacher", "--config-file", TEACHER_CFG], times)
     _stage("cache-teacher", ["pipeline.cache_teacher", "--config-file", STUDENT_CFG], times)
     _stage("baseline student", ["pipeline.train_student", "--config-file", STUDENT_CFG, "DISTILL.ENABLE", "False",

@@ -22,7 +22,7 @@ from detectron2.config import CfgNode
 
 from cache import ImageEntry, TeacherFeatureStore, TeacherFeatureWriter, verify_store
 from tests.conftest import REPO, make_student_cfg
-from tests.test_store import FINGERPRINT, IDS, make_layout, resized_hw_of, synthetic_features
+from tests.cache.test_store import FINGERPRINT, IDS, make_layout, resized_hw_of, synthetic_features
 
 BUCKET = "stores"
 
@@ -49,7 +49,7 @@ def s3() -> dict:
 @pytest.fixture(scope="module")
 def s3_store(s3, tiny_teacher, tmp_path_factory) -> dict:
     """The tiny fp16 store written by stage one straight to s3://stores/tiny.zarr, with the write's wall time."""
-    from pipeline.cache_teacher import cache_teacher
+    from pipeline.stage_one import cache_teacher
 
     root = tmp_path_factory.mktemp("s3_store")
     cfg = make_student_cfg(root, tiny_teacher, "DISTILL.CACHE.PATH", f"s3://{BUCKET}/tiny.zarr")

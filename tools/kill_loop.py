@@ -1,6 +1,6 @@
 """Fault injection for stage one: SIGKILL `cache-teacher` at random moments, resume, compare with a clean run.
 
-    PYTHONPATH=. .venv/bin/python scripts/kill_loop.py --trials 10      (or: make kill-test)
+    PYTHONPATH=. .venv/bin/python tools/kill_loop.py --trials 10      (or: make kill-test)
 
 Each trial starts `python -m pipeline.cache_teacher` on the tiny dataset with a tiny random R18 teacher
 (as tests/conftest.py builds it) and small shards, kills it with SIGKILL at a moment spread over the run
@@ -42,13 +42,12 @@ def build_fixture(workdir: Path, shard_images: int) -> Path:
     """Tiny data, a tiny random R18 teacher (.pth) and a student config file; returns the config path."""
     import torch
 
-    from pipeline import compat  # noqa: F401  (before detectron2)
     from pipeline import datasets  # noqa: F401  (registers embedded_tiny_*)
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
     from pipeline.config import get_distill_cfg
     from pipeline.datasets import embedded_root
-    from pipeline.embedded_data import generate
+    from tools.embedded_data import generate
     from tests.conftest import make_student_cfg, write_tiny_config
 
     generate(embedded_root("tiny"), "tiny", seed=0)

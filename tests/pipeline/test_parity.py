@@ -6,7 +6,7 @@ import torch
 from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from pipeline.cache_teacher import cache_teacher
+from pipeline.stage_one import cache_teacher
 from pipeline.distill_rcnn import build_distiller, student_outputs
 from pipeline.losses import METHODS
 from pipeline.teacher import TeacherFeatureExtractor

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cache import TeacherFeatureStore, verify_store
-from pipeline.cache_teacher import cache_teacher
+from pipeline.stage_one import cache_teacher
 from tests.conftest import REPO, crash_stage_one_at_row, make_student_cfg
 
 

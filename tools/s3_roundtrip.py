@@ -1,6 +1,6 @@
 """Time a store's round trip through S3: upload, `verify` from the URL, read every image back.
 
-    .venv/bin/python scripts/s3_roundtrip.py output/embedded/teacher_store.zarr [--endpoint http://host:9000]
+    .venv/bin/python tools/s3_roundtrip.py output/embedded/teacher_store.zarr [--endpoint http://host:9000]
 
 Without --endpoint it starts moto's S3 server on loopback (in memory: the store must fit in RAM), so the
 numbers measure s3fs + zarr's FsspecStore over HTTP on this machine, not a real network. Prints JSON.
