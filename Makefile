@@ -31,17 +31,26 @@ setup: .venv/.setup-done
 data: setup
 	$(PY) -m tools.embedded_data --variant $(VARIANT)
 
+# The teacher's own overrides: the student's OPTS never reach the teacher's training.
+TEACHER_OPTS ?=
 teacher: data
-	$(PY) -m pipeline.train_teacher --config-file $(TEACHER_CFG) $(OPTS)
+	$(PY) -m pipeline.train_teacher --config-file $(TEACHER_CFG) $(TEACHER_OPTS)
 
-cache-teacher: teacher
+# What the student's config needs first (tools/stage_prerequisites.py): the embedded dataset when it uses
+# it, the embedded teacher only when DISTILL.PATH_T is that checkpoint and it is missing.
+# ("setup" ends the list so that an empty one never makes the default goal.)
+prereqs = $(MAKE) --no-print-directory $$($(PY) -m tools.stage_prerequisites --config-file $(STUDENT_CFG) $(STORE_OPTS) $(OPTS) $(1)) setup
+
+cache-teacher: setup
+	@$(call prereqs)
 	$(RUN) pipeline.cache_teacher --config-file $(STUDENT_CFG) $(if $(OVERWRITE),--overwrite) $(STORE_OPTS) $(OPTS)
 
 train-student: cache-teacher
 	$(RUN) pipeline.train_student --config-file $(STUDENT_CFG) DISTILL.DISTILL $(METHOD) DISTILL.B $(B) \
 	  OUTPUT_DIR output/embedded/student/$(METHOD) $(if $(ITERS),SOLVER.MAX_ITER $(ITERS)) $(STORE_OPTS) $(OPTS)
 
-baseline: data
+baseline: setup
+	@$(call prereqs,DISTILL.ENABLE False)
 	$(PY) -m pipeline.train_student --config-file $(STUDENT_CFG) DISTILL.ENABLE False \
 	  OUTPUT_DIR output/embedded/student/baseline $(if $(ITERS),SOLVER.MAX_ITER $(ITERS)) $(OPTS)
 

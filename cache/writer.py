@@ -136,14 +136,18 @@ class TeacherFeatureWriter:
         return range(shard * size, min((shard + 1) * size, self.num_images))
 
     def pending_shards(self, rank: int = 0, world_size: int = 1) -> list[int]:
-        """Shards with any uncommitted (status 0) row, restricted to those with shard % world_size == rank."""
+        """Shards with any row not committed, restricted to those with shard % world_size == rank.
+
+        Rows recorded unreadable (status 2) count as not committed: every rerun retries them, so an image
+        fixed on disk, or an I/O error that has passed, is written by the next `make cache-teacher`.
+        """
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         status, damaged = load_rows_tolerant(self._array(STATUS), STATUS)
         status[list(damaged)] = 0  # a torn status chunk means "not committed": rewrite its shard
         padded = np.ones(self.num_shards * self.layout.shard_images, dtype=status.dtype)
         padded[: self.num_images] = status
-        pending = np.flatnonzero((padded.reshape(self.num_shards, -1) == 0).any(axis=1))
+        pending = np.flatnonzero((padded.reshape(self.num_shards, -1) != STATUS_COMMITTED).any(axis=1))
         return [int(s) for s in pending if s % world_size == rank]
 
     def write_shard(self, shard: int, entries: list[ImageEntry]) -> int:

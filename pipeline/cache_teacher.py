@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+from pipeline.plan import TeacherPlan
+from pipeline.refusals import STORE_REFUSALS, refusals_as_one_line
 from pipeline.stage_one import cache_teacher
 from pipeline.trainer import setup, write_json
 from cache.storage import is_url, storage_options_for, write_url_text
@@ -17,7 +19,10 @@ from detectron2.utils import comm
 
 def main(args) -> dict:
     cfg = setup(args)
-    summary = cache_teacher(cfg, overwrite=args.overwrite)
+    with refusals_as_one_line("cache-teacher", STORE_REFUSALS + (ValueError,)):
+        plan = TeacherPlan.from_config(cfg)  # a config the store cannot serve is refused here, in one line
+    with refusals_as_one_line("cache-teacher"):
+        summary = cache_teacher(cfg, overwrite=args.overwrite, plan=plan)
     if comm.is_main_process():
         target = f"{cfg.DISTILL.CACHE.PATH.rstrip('/')}.summary.json"
         if is_url(target):

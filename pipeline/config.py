@@ -37,8 +37,15 @@ def get_distill_cfg(config_file: str | None = None, opts: list[str] | None = Non
     """A detectron2 config with the DISTILL node, merged from a file and KEY VALUE overrides."""
     cfg = get_cfg()
     add_distill_config(cfg)
+    # detectron2's default device is "cuda"; ours picks CUDA when there is one. A device the config or the
+    # command line names explicitly is kept, and pipeline.trainer.setup refuses a CUDA one without CUDA.
+    cfg.MODEL.DEVICE = "auto"
     if config_file:
         cfg.merge_from_file(config_file)
     if opts:
         cfg.merge_from_list(list(opts))
+    if cfg.MODEL.DEVICE == "auto":
+        import torch
+
+        cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     return cfg

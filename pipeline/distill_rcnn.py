@@ -10,7 +10,8 @@ from detectron2.utils.events import get_event_storage
 
 from pipeline.distiller import Distiller
 from pipeline.losses import build_distill_loss, loss_class, loss_weight
-from pipeline.teacher import TeacherFeatureExtractor, load_teacher_cfg, teacher_geometry
+from pipeline.plan import TeacherPlan, as_plan
+from pipeline.teacher import TeacherFeatureExtractor
 from pipeline.teacher_source import CachedTeacher, LiveTeacher
 
 logger = logging.getLogger(__name__)
@@ -31,14 +32,15 @@ def image_index(cfg) -> dict[int, int]:
     return {int(image_id): row for row, image_id in enumerate(ids)}
 
 
-def build_distiller(cfg, backbone) -> Distiller:
+def build_distiller(cfg, backbone, plan: TeacherPlan | None = None) -> Distiller:
     """The loss module, with 1x1 connectors where student and teacher FPN widths differ."""
-    cfg_t = load_teacher_cfg(cfg)
+    plan = plan or as_plan(cfg)
+    cfg_t = plan.teacher_cfg
     shapes = backbone.output_shape()
     missing = [lvl for lvl in cfg.DISTILL.LEVELS if lvl not in shapes]
     if missing:
         raise ValueError(f"DISTILL.LEVELS {missing} are not student backbone outputs {sorted(shapes)}")
-    strides, _ = teacher_geometry(cfg_t, cfg.DISTILL.LEVELS)
+    strides = list(plan.strides)
     student_strides = [shapes[lvl].stride for lvl in cfg.DISTILL.LEVELS]
     if strides != student_strides:
         raise ValueError(f"student strides {student_strides} differ from the teacher's {strides} at DISTILL.LEVELS")
@@ -89,10 +91,13 @@ class DistillRCNN(GeneralizedRCNN):
             return ret
         if cfg.DISTILL.SOURCE not in SOURCES:
             raise ValueError(f"DISTILL.SOURCE={cfg.DISTILL.SOURCE!r}; choose one of {SOURCES}")
-        ret["distiller"] = build_distiller(cfg, ret["backbone"])
+        # detectron2's build_model hands a meta-architecture the config alone, so the model resolves its
+        # own plan once here, for the distiller and the live teacher alike.
+        plan = TeacherPlan.from_config(cfg)
+        ret["distiller"] = build_distiller(cfg, ret["backbone"], plan)
         if cfg.DISTILL.SOURCE == "live":
             rpn = ret["distiller"].loss.source != "features"
-            ret["teacher_source"] = LiveTeacher(TeacherFeatureExtractor.from_config(cfg, rpn=rpn), cfg.INPUT.FORMAT)
+            ret["teacher_source"] = LiveTeacher(TeacherFeatureExtractor.from_config(plan, rpn=rpn), cfg.INPUT.FORMAT)
             logger.info("distillation: live teacher %s with weights %s", cfg.DISTILL.CFG_T, cfg.DISTILL.PATH_T)
         else:
             ret["teacher_source"] = CachedTeacher()

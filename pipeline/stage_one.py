@@ -8,6 +8,7 @@ Under torchrun (or detectron2's launch with --num-gpus N) each rank writes only 
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import time
@@ -18,8 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline import distributed
-from pipeline.teacher import (TeacherFeatureExtractor, hflip_image, load_teacher_cfg,
-                              resize_augmentation, store_resize, teacher_fingerprint)
+from pipeline.plan import TeacherPlan
+from pipeline.teacher import TeacherFeatureExtractor, hflip_image, resize_augmentation
 from cache import BackgroundShardWriter, ImageEntry, StoreLayout, TeacherFeatureWriter
 from cache.lock import writer_lock
 from detectron2.data import DatasetCatalog
@@ -61,7 +62,7 @@ class ResizedImages(Dataset):
         try:
             image = read_image(d["file_name"], format=self.format)
         except Exception as e:  # an unreadable image is recorded in the store, the run goes on
-            item["error"] = f"{type(e).__name__}: {e}"
+            item["error"] = describe_read_error(e)
             return item
         resized = self.resize.get_transform(image).apply_image(image)
         item["orig_hw"] = tuple(image.shape[:2])
@@ -70,31 +71,47 @@ class ResizedImages(Dataset):
         return item
 
 
+# Errors that say nothing about the image itself: the disk, the permissions or the network; they may pass.
+_TRANSIENT_ERRNOS = {errno.EIO, errno.EACCES, errno.EPERM, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT,
+                     errno.ECONNRESET, errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ESTALE}
+TRANSIENT_PREFIX = "I/O error (may pass; a rerun of make cache-teacher retries it)"
+
+
+def describe_read_error(error: BaseException) -> str:
+    """The reason recorded for an image that could not be read, telling a passing I/O error from a broken image."""
+    transient = isinstance(error, (TimeoutError, ConnectionError)) or (
+        isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS)
+    reason = f"{type(error).__name__}: {error}"
+    return f"{TRANSIENT_PREFIX}: {reason}" if transient else reason
+
+
 def _padded(hw, divisibility: int) -> tuple[int, int]:
     return tuple(int(math.ceil(v / divisibility) * divisibility) for v in hw)
 
 
-def cache_teacher(cfg, overwrite: bool = False) -> dict:
+def cache_teacher(cfg, overwrite: bool = False, plan: TeacherPlan | None = None) -> dict:
     """Write (or resume) the store at cfg.DISTILL.CACHE.PATH; return the run's summary.
 
+    plan: the config's resolved TeacherPlan (resolved here when not given); everything below reads it.
     Each process holds its rank's writer lock (cache/lock.py) throughout: a second run on the store is refused.
     """
+    plan = plan or TeacherPlan.from_config(cfg)
     with writer_lock(cfg.DISTILL.CACHE.PATH, rank=comm.get_rank()):
-        return _cache_teacher_locked(cfg, overwrite)
+        return _cache_teacher_locked(cfg, overwrite, plan)
 
 
-def _cache_teacher_locked(cfg, overwrite: bool) -> dict:
-    rule = store_resize(cfg)
-    dataset = ",".join(cfg.DATASETS.TRAIN)
-    dicts = training_images(cfg.DATASETS.TRAIN)
-    fingerprint = teacher_fingerprint(cfg)
-    extractor = TeacherFeatureExtractor.from_config(cfg, rpn=cfg.DISTILL.CACHE.RPN)
+def _cache_teacher_locked(cfg, overwrite: bool, plan: TeacherPlan) -> dict:
+    rule = plan.resize
+    dataset = ",".join(plan.datasets)
+    dicts = training_images(plan.datasets)
+    fingerprint = plan.fingerprint
+    extractor = TeacherFeatureExtractor.from_config(plan, rpn=plan.rpn)
     if len(set(extractor.channels)) != 1:
         raise ValueError(f"the store needs one channel count for every level; the teacher has {extractor.channels}")
     max_side = _padded((max(rule["max_size"], rule["short_edge"]),) * 2, extractor.size_divisibility)
     layout = StoreLayout(
         levels=tuple(extractor.levels), strides=tuple(extractor.strides), channels=extractor.channels[0],
-        codec=cfg.DISTILL.CACHE.CODEC, flip=cfg.DISTILL.CACHE.FLIP, max_hw=max_side,
+        codec=plan.codec, flip=plan.flip, max_hw=max_side,
         shard_images=cfg.DISTILL.CACHE.SHARD_IMAGES, tile=cfg.DISTILL.CACHE.TILE, rpn_anchors=extractor.rpn_anchors,
     )
     def open_writer(overwrite: bool) -> TeacherFeatureWriter:
@@ -111,8 +128,7 @@ def _cache_teacher_locked(cfg, overwrite: bool) -> dict:
     rows = [r for s in shards for r in writer.shard_rows(s)]
     logger.info("store %s: %d of %d shards to write (%d images) on rank %d of %d, codec %s, flip %s",
                 cfg.DISTILL.CACHE.PATH, len(shards), writer.num_shards, len(rows), rank, world, layout.codec, layout.flip)
-    teacher_format = load_teacher_cfg(cfg).INPUT.FORMAT
-    loader = DataLoader(ResizedImages(dicts, rows, rule, teacher_format), batch_size=None, shuffle=False,
+    loader = DataLoader(ResizedImages(dicts, rows, rule, plan.input_format), batch_size=None, shuffle=False,
                         num_workers=cfg.DATALOADER.NUM_WORKERS)
     views = layout.views
     start = time.perf_counter()
@@ -125,7 +141,7 @@ def _cache_teacher_locked(cfg, overwrite: bool) -> dict:
         for item in loader:
             if item["error"] is not None:
                 failed[int(item["image_id"])] = item["error"]
-                logger.warning("image %s unreadable: %s", item["image_id"], item["error"])
+                logger.warning("image %s not read: %s", item["image_id"], item["error"])
                 entry = ImageEntry(int(item["image_id"]), (0, 0), (0, 0), (0, 0), None, item["error"])
             else:
                 t0 = time.perf_counter()

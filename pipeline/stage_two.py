@@ -12,7 +12,7 @@ from pathlib import Path
 from pipeline.init_stage import INIT_STAGE_FILE, InitStageHook
 from pipeline.losses import loss_class, loss_weight
 from pipeline.mapper import ON_BAD_ENTRY, DistillDatasetMapper
-from pipeline.teacher import store_resize, teacher_fingerprint
+from pipeline.plan import TeacherPlan
 from pipeline.trainer import Trainer, write_json
 from cache import StoreEntryError, StoreMismatchError, TeacherFeatureStore
 from detectron2.data import DatasetCatalog, build_detection_train_loader
@@ -35,14 +35,22 @@ class StudentTrainer(Trainer):
         return [self.init_stage] + super().build_hooks()  # first: before any other hook's before_train
 
 
-def check_store(cfg) -> dict:
-    """Refuse a store that was not built for this student's teacher, resize, codec and images."""
+def check_store(cfg, plan: TeacherPlan | None = None) -> dict:
+    """Refuse a store that was not built for this student's teacher, resize, codec and images.
+
+    plan: the config's resolved TeacherPlan (resolved here when not given).
+    """
     path = cfg.DISTILL.CACHE.PATH
     if not Path(path).exists() and "://" not in path:
         raise FileNotFoundError(f"teacher-feature store {path} does not exist: build it first (make cache-teacher)")
     store = TeacherFeatureStore(path, cfg.DISTILL.CACHE.STORAGE_OPTIONS)
-    store_resize(cfg)  # refuses multi-scale training with the values to change
-    store.check_fingerprint(teacher_fingerprint(cfg))
+    plan = plan or TeacherPlan.from_config(cfg)  # refuses multi-scale training with the values to change
+    store.check_fingerprint(plan.fingerprint)
+    if store.layout.flip == "none" and cfg.INPUT.RANDOM_FLIP != "none":
+        raise StoreMismatchError(f"store {path} was built with DISTILL.CACHE.FLIP none (no flipped view), but the "
+                                 f"student trains with INPUT.RANDOM_FLIP {cfg.INPUT.RANDOM_FLIP!r}: set INPUT.RANDOM_FLIP "
+                                 "none, or rebuild the store with FLIP stored (make cache-teacher OVERWRITE=1 "
+                                 "OPTS='DISTILL.CACHE.FLIP stored')")
     dataset = ",".join(cfg.DATASETS.TRAIN)
     if store.dataset != dataset:
         raise StoreMismatchError(f"store {path} was built for dataset {store.dataset!r}, the student trains on {dataset!r}")
@@ -76,9 +84,12 @@ def _apply_bad_entry_policy(policy: str, store: TeacherFeatureStore) -> None:
         return
     listed = "; ".join(f"image {i}: {reason}" for i, reason in list(bad.items())[:5])
     if policy == "fail":
-        raise StoreEntryError(f"store {store.path} cannot serve {len(bad)} training images ({listed}). Fix or remove "
-                              "them and rerun make cache-teacher, or set DISTILL.CACHE.ON_BAD_ENTRY skip to train "
-                              "them without loss_kd (unreadable images are left out)")
+        raise StoreEntryError(f"store {store.path} cannot serve {len(bad)} training images ({listed}). Unreadable "
+                              "images: fix the files and rerun make cache-teacher, which retries every image recorded "
+                              "unreadable. Damaged entries: rebuild with make cache-teacher OVERWRITE=1. Removing images "
+                              "from the dataset changes its image list, which means a full rebuild (OVERWRITE=1) too. Or set "
+                              "DISTILL.CACHE.ON_BAD_ENTRY skip to train them without loss_kd (unreadable images are "
+                              "left out)")
     logger.warning("store %s cannot serve %d training images; they train without loss_kd or, if unreadable, are left "
                    "out (DISTILL.CACHE.ON_BAD_ENTRY skip): %s", store.path, len(bad), listed)
 
@@ -92,16 +103,16 @@ def _median_iter_seconds(output_dir: str) -> float | None:
     return round(statistics.median(times), 4) if times else None
 
 
-def train_student(cfg, resume: bool = False) -> dict:
+def train_student(cfg, resume: bool = False, store_info: dict | None = None) -> dict:
     """Check the store, train (or resume) the student to SOLVER.MAX_ITER, evaluate it; return its metrics.
 
-    Rank 0 also writes them to OUTPUT_DIR/student_metrics.json.
+    store_info: check_store's result when the caller has checked the store already.
+    Rank 0 also writes the metrics to OUTPUT_DIR/student_metrics.json.
     """
-    store_info = None
     if cfg.DISTILL.ENABLE:
         loss_class(cfg.DISTILL.DISTILL)  # an unknown method fails here, before any work
-        if cfg.DISTILL.SOURCE == "cache":
-            store_info = check_store(cfg)
+        if cfg.DISTILL.SOURCE == "cache" and store_info is None:
+            store_info = check_store(cfg, TeacherPlan.from_config(cfg))
     init_log = Path(cfg.OUTPUT_DIR) / INIT_STAGE_FILE
     if not resume:
         init_log.unlink(missing_ok=True)  # a stale log from an earlier run in this folder

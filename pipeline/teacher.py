@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import get_distill_cfg
+from pipeline.plan import TeacherPlan, as_plan, load_teacher_cfg  # noqa: F401  (load_teacher_cfg re-exported)
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import transforms as T
@@ -27,18 +27,6 @@ from detectron2.utils.file_io import PathManager
 
 # Keys of the teacher's MODEL node that do not change its features.
 _NON_FEATURE_KEYS = ("WEIGHTS", "DEVICE")
-
-
-def load_teacher_cfg(cfg: CfgNode) -> CfgNode:
-    """The teacher's config named by the student's DISTILL.CFG_T, on the student's device."""
-    if not cfg.DISTILL.CFG_T:
-        raise ValueError("DISTILL.CFG_T is empty: set it to the teacher's config file (e.g. configs/embedded/teacher_R101_FPN.yaml)")
-    if not Path(cfg.DISTILL.CFG_T).exists():
-        raise FileNotFoundError(f"DISTILL.CFG_T={cfg.DISTILL.CFG_T!r} does not exist (paths are relative to the working directory)")
-    cfg_t = get_distill_cfg(cfg.DISTILL.CFG_T)
-    cfg_t.MODEL.DEVICE = cfg.MODEL.DEVICE
-    cfg_t.MODEL.WEIGHTS = cfg.DISTILL.PATH_T
-    return cfg_t
 
 
 class TeacherCheckpointer(DetectionCheckpointer):
@@ -62,13 +50,13 @@ class TeacherCheckpointer(DetectionCheckpointer):
             ) from None
 
 
-def build_teacher(cfg: CfgNode) -> torch.nn.Module:
+def build_teacher(plan: TeacherPlan | CfgNode) -> torch.nn.Module:
     """Build the teacher detector from DISTILL.CFG_T and load DISTILL.PATH_T, frozen in eval mode."""
-    cfg_t = load_teacher_cfg(cfg)
-    if not cfg.DISTILL.PATH_T:
+    plan = as_plan(plan)
+    if not plan.weights:
         raise ValueError("DISTILL.PATH_T is empty: set it to the teacher's weights (detectron2:// URL, .pkl or .pth)")
-    model = build_model(cfg_t)
-    TeacherCheckpointer(model).load(cfg.DISTILL.PATH_T)
+    model = build_model(plan.teacher_cfg)
+    TeacherCheckpointer(model).load(plan.weights)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -126,27 +114,30 @@ def images_sha256(dataset_names) -> str:
     return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
-def teacher_fingerprint(cfg: CfgNode) -> dict:
+def teacher_fingerprint(plan: TeacherPlan | CfgNode) -> dict:
     """Everything that determines the stored features, computed without building the teacher."""
-    cfg_t = load_teacher_cfg(cfg)
+    return as_plan(plan).fingerprint
+
+
+def plan_fingerprint(plan: TeacherPlan) -> dict:
+    """The fingerprint of a plan (TeacherPlan.fingerprint caches it: the weights are hashed once)."""
+    cfg_t = plan.teacher_cfg
     model_node = cfg_t.MODEL.clone()
     for key in _NON_FEATURE_KEYS:
         model_node.pop(key, None)
-    weights = PathManager.get_local_path(cfg.DISTILL.PATH_T)
-    strides, divisibility = teacher_geometry(cfg_t, cfg.DISTILL.LEVELS)
     return {
         "teacher_config_sha256": hashlib.sha256(model_node.dump(sort_keys=True).encode()).hexdigest(),
-        "teacher_weights_sha256": sha256_file(weights),
-        "input_format": cfg_t.INPUT.FORMAT,
+        "teacher_weights_sha256": sha256_file(PathManager.get_local_path(plan.weights)),
+        "input_format": plan.input_format,
         "pixel_mean": [float(v) for v in cfg_t.MODEL.PIXEL_MEAN],
         "pixel_std": [float(v) for v in cfg_t.MODEL.PIXEL_STD],
-        "resize": store_resize(cfg),
-        "size_divisibility": divisibility,
-        "levels": list(cfg.DISTILL.LEVELS),
-        "strides": strides,
-        "codec": cfg.DISTILL.CACHE.CODEC,
-        "flip": cfg.DISTILL.CACHE.FLIP,
-        "images_sha256": images_sha256(cfg.DATASETS.TRAIN),
+        "resize": dict(plan.resize),
+        "size_divisibility": plan.size_divisibility,
+        "levels": list(plan.levels),
+        "strides": list(plan.strides),
+        "codec": plan.codec,
+        "flip": plan.flip,
+        "images_sha256": images_sha256(plan.datasets),
     }
 
 
@@ -188,13 +179,13 @@ class TeacherFeatureExtractor:
             self.rpn_anchors = model.proposal_generator.rpn_head.objectness_logits.out_channels
 
     @classmethod
-    def from_config(cls, cfg: CfgNode, rpn: bool = False) -> "TeacherFeatureExtractor":
-        model = build_teacher(cfg)
-        extractor = cls(model, cfg.DISTILL.LEVELS, load_teacher_cfg(cfg).INPUT.FORMAT, rpn=rpn)
-        strides, divisibility = teacher_geometry(load_teacher_cfg(cfg), cfg.DISTILL.LEVELS)
-        if extractor.strides != strides or extractor.size_divisibility != divisibility:
+    def from_config(cls, cfg: CfgNode | TeacherPlan, rpn: bool = False) -> "TeacherFeatureExtractor":
+        """The extractor of a student config or of its resolved TeacherPlan (the teacher built once)."""
+        plan = as_plan(cfg)
+        extractor = cls(build_teacher(plan), plan.levels, plan.input_format, rpn=rpn)
+        if extractor.strides != list(plan.strides) or extractor.size_divisibility != plan.size_divisibility:
             raise ValueError(f"teacher strides {extractor.strides}/divisibility {extractor.size_divisibility} differ from "
-                             f"those its config implies ({strides}/{divisibility})")
+                             f"those its config implies ({list(plan.strides)}/{plan.size_divisibility})")
         return extractor
 
     @property

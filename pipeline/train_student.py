@@ -9,7 +9,10 @@ given weights, as detectron2's tools/train_net.py does.
 """
 from __future__ import annotations
 
-from pipeline.stage_two import StudentTrainer, train_student
+from pipeline.losses import loss_class
+from pipeline.plan import TeacherPlan
+from pipeline.refusals import STORE_REFUSALS, refusals_as_one_line
+from pipeline.stage_two import StudentTrainer, check_store, train_student
 from pipeline.trainer import setup
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
@@ -23,7 +26,14 @@ def main(args) -> dict:
             print(f"train-student --eval-only: {cfg.MODEL.WEIGHTS or cfg.OUTPUT_DIR}: val box AP "
                   f"{bbox.get('AP', float('nan')):.2f} AP50 {bbox.get('AP50', float('nan')):.2f}")
         return {"bbox": bbox}
-    metrics = train_student(cfg, resume=args.resume)
+    store_info = None
+    if cfg.DISTILL.ENABLE:
+        with refusals_as_one_line("train-student", STORE_REFUSALS + (ValueError,)):
+            loss_class(cfg.DISTILL.DISTILL)  # an unknown method: one line listing the methods
+            plan = TeacherPlan.from_config(cfg)  # a teacher or config the store cannot serve: one line
+            if cfg.DISTILL.SOURCE == "cache":
+                store_info = check_store(cfg, plan)
+    metrics = train_student(cfg, resume=args.resume, store_info=store_info)
     if comm.is_main_process():
         bbox = metrics["bbox"]
         print(f"train-student: {metrics['method']} (B={metrics['B']}) {cfg.SOLVER.MAX_ITER} iterations in "

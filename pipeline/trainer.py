@@ -55,8 +55,10 @@ def setup(args):
     """Config from --config-file and KEY VALUE opts, datasets registered, detectron2's logging set up."""
     cfg = get_distill_cfg(args.config_file, args.opts)
     datasets.register_from_cfg(cfg)
-    if not cfg.MODEL.DEVICE.startswith("cuda") or not _cuda_available():
-        cfg.MODEL.DEVICE = "cpu"
+    if cfg.MODEL.DEVICE.startswith("cuda") and not _cuda_available():
+        # A silent switch to CPU would turn a GPU run into a days-long CPU one: refuse instead.
+        raise SystemExit(f"MODEL.DEVICE={cfg.MODEL.DEVICE!r} but torch finds no CUDA device here; "
+                         "set MODEL.DEVICE cpu to run on the CPU")
     distributed.init_from_env(cfg.MODEL.DEVICE)  # torchrun's processes; a no-op for one process or under launch()
     cfg.freeze()
     default_setup(cfg, args)

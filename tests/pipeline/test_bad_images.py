@@ -142,3 +142,52 @@ def test_stage_two_skip_policy_trains_on_the_readable_images_only(bad_dataset, t
     with EventStorage(0):
         loss_kd = model(batch)["loss_kd"]
     assert torch.isfinite(loss_kd) and loss_kd > 0
+
+
+def test_a_rerun_retries_every_image_recorded_unreadable_and_writes_those_that_now_read(bad_dataset, tiny_teacher):
+    """The refusal's advice "fix the files and rerun make cache-teacher" works exactly as printed."""
+    import shutil
+
+    root = bad_dataset["root"] / "retry"
+    shutil.copytree(bad_dataset["root"] / "images", root / "images")
+    train = json.loads((bad_dataset["root"] / "train.json").read_text())
+    (root / "train.json").write_text(json.dumps(train))
+    name = DATASET + "_retry"
+    opts = ("DATASETS.COCO_FORMAT", [[name, str(root / "train.json"), str(root / "images")]], "DATASETS.TRAIN", (name,),
+            "INPUT.RANDOM_FLIP", "none", "DISTILL.CACHE.SHARD_IMAGES", 3)
+    cfg = make_student_cfg(root / "run", tiny_teacher, *opts)
+    datasets.register_from_cfg(cfg)
+    first = cache_teacher(cfg)
+    assert first["images_failed_this_run"] == len(UNREADABLE)
+    Image.fromarray(np.full((100, 100, 3), 90, np.uint8)).save(root / "images" / "missing.jpg")  # the user fixes 2 ...
+    shutil.copy(root / "images" / "full.jpg", root / "images" / "truncated.jpg")  # ... and image 3
+    second = cache_teacher(cfg)
+    assert second["images_failed_this_run"] == 1 and set(second["failed_this_run"]) == {"4"}
+    store = TeacherFeatureStore(cfg.DISTILL.CACHE.PATH)
+    assert 2 in store and 3 in store and 4 not in store
+    report = verify_store(cfg.DISTILL.CACHE.PATH, progress=False)
+    assert report.intact and report.complete and report.failed == 1 and report.ok == 10
+    expected = TeacherFeatureExtractor.from_config(cfg)(
+        convert_format(DatasetMapper(cfg, is_train=True)(dict(DatasetCatalog.get(name)[1]))["image"],
+                       cfg.INPUT.FORMAT, "BGR"))
+    got = store.read(2)
+    assert all(torch.equal(got[k], v.half().float()) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("error, transient", [
+    (OSError(5, "Input/output error"), True), (PermissionError(13, "Permission denied"), True),
+    (TimeoutError("read timed out"), True), (FileNotFoundError(2, "No such file"), False),
+    (OSError("cannot identify image file"), False), (ValueError("image file is truncated"), False)])
+def test_an_io_error_that_may_pass_is_reported_as_such_not_as_a_broken_image(error, transient):
+    from pipeline.stage_one import TRANSIENT_PREFIX, describe_read_error
+
+    reason = describe_read_error(error)
+    assert reason.startswith(TRANSIENT_PREFIX) == transient and str(error) in reason
+
+
+def test_the_fail_refusal_says_what_removing_an_image_costs(bad_dataset, tiny_teacher):
+    cfg = make_student_cfg(bad_dataset["root"] / "advice", tiny_teacher, *bad_dataset["opts"],
+                           "DISTILL.CACHE.PATH", bad_dataset["path"])
+    with pytest.raises(StoreEntryError, match=r"rerun make cache-teacher, which retries .*Removing images .* full "
+                                              r"rebuild \(OVERWRITE=1\)"):
+        check_store(cfg)
