@@ -270,10 +270,8 @@ def test_padding_content_even_inf_or_nan_does_not_change_the_loss(method, value)
     s, t, m = two_level_batch()
     loss = build(method).eval()
     clean = score(loss, s, t, m)
-    if math.isnan(value):
-        s, t = [with_padding(f, mask, value) for f, mask in zip(s, m)], [with_padding(f, mask, value) for f, mask in zip(t, m)]
-    else:
-        s, t = [fill_padding(f, mask, value) for f, mask in zip(s, m)], [fill_padding(f, mask, value) for f, mask in zip(t, m)]
+    fill = with_padding if math.isnan(value) else fill_padding  # NaN has no sign to vary
+    s, t = [fill(f, mask, value) for f, mask in zip(s, m)], [fill(f, mask, value) for f, mask in zip(t, m)]
     assert score(loss, s, t, m).item() == pytest.approx(clean.item(), rel=1e-6, abs=1e-9)
 
 
@@ -322,7 +320,7 @@ def test_half_precision_inputs_give_a_float32_loss(method):
     assert half.item() == pytest.approx(full.item(), rel=1e-6, abs=1e-9)
 
 
-# --------------------------------------------------------------------------- in the student: Distiller, optimizer, checkpoint
+# --------------------------------------------------------------------------- Distiller, optimizer, checkpoint
 
 
 @pytest.mark.parametrize("method", OURS)
@@ -330,7 +328,8 @@ def test_the_distiller_builds_each_with_its_default_weight_and_connectors_for_ot
                                                                                        tiny_teacher, tmp_path):
     from detectron2.modeling import build_model
 
-    cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", tiny_rpn_store["path"], "DISTILL.DISTILL", method,
+    store = tiny_rpn_store["path"]
+    cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", store, "DISTILL.DISTILL", method,
                            fpn_channels=32)  # the tiny teacher's FPN has 64 channels
     distiller = build_model(cfg).distiller
     assert isinstance(distiller.loss, CLASSES[method])
@@ -341,12 +340,14 @@ def test_the_distiller_builds_each_with_its_default_weight_and_connectors_for_ot
         assert len(distiller.loss.generations) == len(cfg.DISTILL.LEVELS) and distiller.image_rows
 
 
-def test_mgds_generator_and_step_are_in_the_students_optimizer_and_checkpoint(tiny_rpn_store, tiny_teacher, tmp_path):
+def test_mgds_generator_and_step_are_in_the_students_optimizer_and_checkpoint(tiny_rpn_store, tiny_teacher,
+                                                                             tmp_path):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
     from detectron2.solver import build_optimizer
 
-    cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", tiny_rpn_store["path"], "DISTILL.DISTILL", "mgd")
+    store = tiny_rpn_store["path"]
+    cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", store, "DISTILL.DISTILL", "mgd")
     model = build_model(cfg)
     generator = list(model.distiller.loss.generations.parameters())
     assert generator and all(p.requires_grad for p in generator)
