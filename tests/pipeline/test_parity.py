@@ -54,7 +54,7 @@ def _losses(cfg):
 def test_fp16_store_matches_live_within_1e_3_for_every_method(tiny_rpn_store, tiny_teacher, tmp_path):
     cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", tiny_rpn_store["path"], "SOLVER.IMS_PER_BATCH", 4)
     losses = _losses(cfg)
-    assert set(losses) == set(METHODS) and len(METHODS) == 14
+    assert set(losses) == set(METHODS) and len(METHODS) >= 14
     for method, (cached, live) in losses.items():
         assert abs(cached - live) <= 1e-3 * abs(live), (method, cached, live)
 
