@@ -38,6 +38,7 @@ from cache.format import (
     StoreLayout,
     StoreMismatchError,
     diff_fingerprints,
+    diff_layout_attrs,
     features_array,
     fingerprint_sha256,
     json_normalised,
@@ -405,10 +406,7 @@ def _differences(
     lines = []
     if attrs.get("format_version") not in READABLE_FORMAT_VERSIONS:
         lines.append(f"format_version: store has {attrs.get('format_version')}, expected {FORMAT_VERSION}")
-    wanted = layout.to_attrs()
-    for key, value in wanted.items():
-        if attrs.get(key, "<missing>") != value:
-            lines.append(f"{key}: store has {attrs.get(key, '<missing>')}, expected {value}")
+    lines += diff_layout_attrs(layout.to_attrs(), attrs)
     if attrs.get("dataset") != dataset:
         lines.append(f"dataset: store has {attrs.get('dataset')!r}, expected {dataset!r}")
     lines += [f"fingerprint.{line}" for line in diff_fingerprints(fingerprint, attrs.get("fingerprint", {}))]

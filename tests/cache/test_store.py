@@ -315,6 +315,47 @@ def test_reopening_with_other_settings_names_the_differing_field(tmp_path, chang
     assert rebuilt.pending_shards() == list(range(rebuilt.num_shards))
 
 
+def _with(layout: StoreLayout, **changes) -> StoreLayout:
+    from dataclasses import replace
+
+    return replace(layout, **changes)
+
+
+@pytest.mark.parametrize(
+    "stored, requested, field",
+    [
+        # A store built with DISTILL.CACHE.RPN True, resumed under RPN False, and the other way round.
+        (_with(make_layout("fp16", "mirror"), rpn_anchors=1), make_layout("fp16", "mirror"), "rpn_anchors"),
+        (make_layout("fp16", "mirror"), _with(make_layout("fp16", "mirror"), rpn_anchors=1), "rpn_anchors"),
+        # Plane-predicted codes resumed by a writer that would store plain codes, and the other way round.
+        (make_layout("int8", "mirror"), _with(make_layout("int8", "mirror"), predictor="none"), "predictor"),
+        (_with(make_layout("int8", "mirror"), predictor="none"), make_layout("int8", "mirror"), "predictor"),
+    ],
+)
+def test_resume_refuses_an_optional_layout_attribute_present_on_one_side_only(tmp_path, stored, requested, field):
+    args = {"image_ids": IDS, "dataset": "toy_train", "fingerprint": FINGERPRINT}
+    TeacherFeatureWriter.open(str(tmp_path / "s"), stored, **args)
+    with pytest.raises(StoreMismatchError) as info:
+        TeacherFeatureWriter.open(str(tmp_path / "s"), requested, **args)
+    assert [line.split(":")[0] for line in info.value.differences] == [field]
+
+
+def test_resume_refuses_a_store_attribute_this_code_does_not_know_naming_it(tmp_path):
+    """A layout attribute of a later writer (one to come) is a difference too, not something to ignore."""
+    layout, args = make_layout("fp16", "mirror"), {"image_ids": IDS, "dataset": "toy_train", "fingerprint": FINGERPRINT}
+    TeacherFeatureWriter.open(str(tmp_path / "s"), layout, **args)
+    zarr.open_group(str(tmp_path / "s"), mode="r+").attrs["future_maps"] = ["boxes"]
+    with pytest.raises(StoreMismatchError, match=r'future_maps: store has \["boxes"\], expected <missing>'):
+        TeacherFeatureWriter.open(str(tmp_path / "s"), layout, **args)
+
+
+def test_resume_refuses_a_fingerprint_field_present_on_one_side_only(tmp_path):
+    layout, args = make_layout("fp16", "mirror"), {"image_ids": IDS, "dataset": "toy_train"}
+    TeacherFeatureWriter.open(str(tmp_path / "s"), layout, **args, fingerprint={**FINGERPRINT, "rpn": {"anchors": 3}})
+    with pytest.raises(StoreMismatchError, match=r"fingerprint\.rpn: store has .*expected <missing>"):
+        TeacherFeatureWriter.open(str(tmp_path / "s"), layout, **args, fingerprint=FINGERPRINT)
+
+
 def test_reader_check_fingerprint_lists_differences(tmp_path):
     build_store(tmp_path / "s", make_layout("fp16", "mirror"))
     store = TeacherFeatureStore(str(tmp_path / "s"))
