@@ -270,7 +270,7 @@ class TeacherFeatureStore:
             self._ensure_open()
             fetched = sync(_gather([self._fetch(*requests[i], keys) for i in fetch]))
             for i, arrays in zip(fetch, fetched):
-                out[i] = self._decode(requests[i][0], arrays, keys)
+                out[i] = self._decode(*requests[i], arrays, keys)
         return out
 
     async def _fetch(self, row: int, view: int, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -289,7 +289,8 @@ class TeacherFeatureStore:
         )
         return dict(zip(selections, results))
 
-    def _decode(self, row: int, arrays: dict[str, Any], keys: tuple[str, ...]) -> dict[str, np.ndarray] | StoreEntryError:
+    def _decode(self, row: int, view: int, arrays: dict[str, Any],
+                keys: tuple[str, ...]) -> dict[str, np.ndarray] | StoreEntryError:
         image_id = int(self.image_ids[row])
         for name, value in arrays.items():
             if isinstance(value, BaseException):
@@ -298,6 +299,11 @@ class TeacherFeatureStore:
                     f"damaged data in {name} (checksum or decoding failed: {type(value).__name__}: {value}); "
                     f"run `python -m cache verify {self.path}` and rewrite the store",
                 )
+        lost = self._lost_object(row, view, arrays, keys)
+        if lost:
+            return StoreEntryError.for_entry(
+                image_id, self.path, f"{lost}; run `python -m cache verify {self.path}` and rewrite the store"
+            )
         decoded = {}
         for level in keys:
             stored = np.asarray(arrays[features_array(level)])
@@ -306,6 +312,26 @@ class TeacherFeatureStore:
                 params = QuantParams(np.asarray(arrays[scale_array(level)]), np.asarray(arrays[offset_array(level)]))
             decoded[level] = self.codec.decode(stored, params)
         return decoded
+
+    def _lost_object(self, row: int, view: int, arrays: dict[str, Any], keys: tuple[str, ...]) -> str | None:
+        """Why a fetched (row, view) holds fill values that stand for a lost object; None when it does not.
+
+        Zarr reads an absent object as its fill value (0). The writer stores every object of a committed
+        shard (cache/writer.py), so a map whose stored values are all 0 is checked for its object: present,
+        the zeros are the features (a constant map); absent, the object was lost. Real maps are never all
+        zero, so reads of intact entries pay nothing for the check.
+        """
+        shard = row // self.layout.shard_images
+        for level in keys:
+            suspects = [] if np.any(arrays[features_array(level)]) else [("shard", features_array(level))]
+            if self.codec.quantised:
+                suspects += [(kind, name(level)) for kind, name in (("scale", scale_array), ("offset", offset_array))
+                             if not np.any(arrays[name(level)])]
+            for kind, name in suspects:
+                key = object_key(self._arrays[name], (shard, view, 0, 0, 0) if kind == "shard" else (shard, 0, 0))
+                if not sync(self._group.store.exists(key)):
+                    return missing_object_reason(level, self.layout.views[view], kind, key)
+        return None
 
     # ----------------------------------------------------------------- zarr handles
 
@@ -377,6 +403,16 @@ class TeacherFeatureStore:
             "created": self.attrs.get("created"),
             "finalized": "failed" in self.attrs,
         }
+
+
+def object_key(array: zarr.Array, chunk_coords: tuple[int, ...]) -> str:
+    """Store key of the object holding chunk (or shard) `chunk_coords` of `array`."""
+    return f"{array.path}/{array.metadata.encode_chunk_key(chunk_coords)}"
+
+
+def missing_object_reason(level: str, view: str, kind: str, key: str) -> str:
+    """How the reader and verify name a lost object of a committed entry."""
+    return f"{level} (view {view}): {kind} object {key} is missing"
 
 
 def load_rows_tolerant(arr: zarr.Array, name: str) -> tuple[np.ndarray, dict[int, str]]:

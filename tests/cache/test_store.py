@@ -462,6 +462,48 @@ def test_missing_shard_object_is_reported_by_verify(tmp_path):
     assert all("missing" in reason for _, reason in report.bad)
 
 
+@pytest.mark.parametrize("codec", ["fp16", "int8"])
+def test_a_committed_entry_whose_shard_object_is_missing_is_refused_naming_image_map_and_store(tmp_path, codec):
+    build_store(tmp_path / "s", make_layout(codec, "mirror"))
+    os.remove(shard_file(tmp_path / "s", "p4", 3))  # shard 3 holds images 715 and 817
+    store = TeacherFeatureStore(str(tmp_path / "s"))
+    for image_id in shard_ids(3):
+        with pytest.raises(StoreEntryError, match=rf"image {image_id} in feature store {tmp_path / 's'}: "
+                                                  r"p4 \(view orig\): shard object features/p4/c/3/0/0/0/0 is missing"):
+            store.read(image_id)
+        assert set(store.read(image_id, keys=["p2", "p3"])) == {"p2", "p3"}  # the maps still there are served
+    store.read(IDS[0])  # other shards are untouched
+    reasons = dict(verify_store(str(tmp_path / "s"), progress=False).bad)
+    assert all("shard object features/p4/c/3/0/0/0/0 is missing" in reasons[i] for i in shard_ids(3))
+
+
+@pytest.mark.parametrize("name", ["scale", "offset"])
+def test_a_committed_entry_whose_scale_or_offset_object_is_missing_is_refused(tmp_path, name):
+    build_store(tmp_path / "s", make_layout("int8", "mirror"))
+    os.remove(os.path.join(str(tmp_path / "s"), name, "p3", "c", "1", "0", "0"))
+    with pytest.raises(StoreEntryError, match=rf"image 307 .*p3 \(view orig\): {name} object {name}/p3/c/1/0/0 is missing"):
+        TeacherFeatureStore(str(tmp_path / "s")).read(307)
+    assert {i for i, _ in verify_store(str(tmp_path / "s"), progress=False).bad} == shard_ids(1)
+
+
+@pytest.mark.parametrize("codec, value", [("fp16", 0.0), ("int8", 2.5), ("int8", 0.0)])
+def test_a_shard_whose_stored_values_are_all_zero_is_written_so_it_is_told_apart_from_a_lost_one(tmp_path, codec, value):
+    """Zarr stores no object for a shard of fill values; the writer stores one, so absent always means lost."""
+    layout = make_layout(codec, "mirror")
+    writer = TeacherFeatureWriter.open(str(tmp_path / "s"), layout, IDS[:2], "toy_train", FINGERPRINT)
+    entries = [entry_for(i, layout) for i in IDS[:2]]  # int8 codes of a constant channel are 0, fp16 of 0.0 too
+    for entry in entries:
+        entry.features = {"orig": {lv: np.full_like(x, value) for lv, x in entry.features["orig"].items()}}
+    writer.write_shard(0, entries)
+    assert os.path.exists(shard_file(tmp_path / "s", "p2", 0))
+    assert verify_store(str(tmp_path / "s"), progress=False).intact
+    store = TeacherFeatureStore(str(tmp_path / "s"))
+    assert all(torch.all(x == value) for x in store.read(IDS[0]).values())
+    os.remove(shard_file(tmp_path / "s", "p2", 0))
+    with pytest.raises(StoreEntryError, match=r"p2 \(view orig\): shard object features/p2/c/0/0/0/0/0 is missing"):
+        store.read(IDS[0])
+
+
 def test_unreadable_image_is_committed_with_status_2_and_its_reason(tmp_path):
     layout = make_layout("int8", "stored")
     writer = TeacherFeatureWriter.open(str(tmp_path / "s"), layout, IDS, "toy_train", FINGERPRINT)
