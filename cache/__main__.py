@@ -3,7 +3,8 @@
 STORE is a directory or a URL (s3://bucket/key.zarr); fsspec storage options for a URL come from
 --storage-options or the CACHE_STORAGE_OPTIONS environment variable (a JSON object).
 
-Exit codes: 0 fine; 1 verify found damaged entries or store problems; 2 the path is not a store.
+Exit codes: 0 fine; 1 the store is damaged (verify found damaged entries or store problems, or its metadata
+cannot be read); 2 the path is not a store, or the storage options are malformed. Never a traceback.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import argparse
 import json
 import sys
 
-from cache.format import NotAFeatureStoreError
-from cache.storage import STORAGE_OPTIONS_ENV
+from cache.format import NotAFeatureStoreError, StoreDamagedError
+from cache.storage import STORAGE_OPTIONS_ENV, storage_options_for
 
 
 def _human_bytes(n: float | None) -> str:
@@ -96,10 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     verify.set_defaults(run=_cmd_verify)
     args = parser.parse_args(argv)
     try:
+        given = args.storage_options
+        args.storage_options = storage_options_for(args.store, given)
+    except ValueError as exc:  # $CACHE_STORAGE_OPTIONS names itself in the message
+        print(f"error: --storage-options: {exc}" if given else f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         return args.run(args)
     except NotAFeatureStoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StoreDamagedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # permissions, a lost connection to the object store, ...
+        print(f"error: cannot read feature store {args.store}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

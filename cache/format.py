@@ -311,3 +311,10 @@ class StoreEntryError(KeyError):
 
 class NotAFeatureStoreError(ValueError):
     """The path holds no teacher feature store (or one of an unsupported format version)."""
+
+
+class StoreDamagedError(RuntimeError):
+    """The path holds a store whose metadata is damaged (layout attributes, an array's zarr.json, the image index).
+
+    Nothing of it can be served; the message names the damage. Rebuild the store (overwrite).
+    """

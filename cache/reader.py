@@ -32,6 +32,7 @@ from cache.format import (
     STATUS_UNREADABLE,
     RPN_DELTAS,
     NotAFeatureStoreError,
+    StoreDamagedError,
     StoreEntryError,
     StoreLayout,
     StoreMismatchError,
@@ -115,7 +116,11 @@ class TeacherFeatureStore:
         attrs = read_group_attrs(self.path, self.storage_options)
         check_store_attrs(self.path, attrs)
         self.attrs: dict = attrs
-        self.layout = StoreLayout.from_attrs(attrs)
+        try:
+            self.layout = StoreLayout.from_attrs(attrs)
+        except (ValueError, TypeError) as exc:
+            raise StoreDamagedError(f"feature store {self.path}: its layout attributes are damaged ({exc}); "
+                                    "rebuild the store") from None
         self.codec = self.layout.feature_codec
         self.fingerprint: dict = attrs.get("fingerprint", {})
         self.dataset: str = attrs.get("dataset", "")
@@ -124,7 +129,7 @@ class TeacherFeatureStore:
         self._arrays: dict[str, zarr.Array] = {}
         ids, damaged = self._load_side_array(IMAGE_ID)
         if damaged:
-            raise RuntimeError(
+            raise StoreDamagedError(
                 f"feature store {self.path}: the image_id array is damaged ({next(iter(damaged.values()))}); "
                 "rows cannot be matched to images. Rebuild the store."
             )
@@ -345,21 +350,25 @@ class TeacherFeatureStore:
             if self.codec.quantised:
                 names += [f(lv) for lv in self.layout.stored_keys for f in (scale_array, offset_array)]
             for name in names:
-                self._arrays[name] = self._group[name]
+                self._arrays[name] = self._open_array(name)
             self._pid = os.getpid()
 
     def _array(self, name: str) -> zarr.Array:
         self._ensure_open()
         if name not in self._arrays:
-            self._arrays[name] = self._group[name]
+            self._arrays[name] = self._open_array(name)
         return self._arrays[name]
 
-    def _load_side_array(self, name: str) -> tuple[np.ndarray, dict[int, str]]:
+    def _open_array(self, name: str) -> zarr.Array:
         try:
-            arr = self._array(name)
-        except KeyError:
-            raise NotAFeatureStoreError(f"feature store {self.path} lacks the {name!r} array; it is damaged") from None
-        return load_rows_tolerant(arr, name)
+            return self._group[name]
+        except Exception as exc:  # noqa: BLE001 - zarr raises KeyError, JSON or validation errors here
+            reason = "is missing" if isinstance(exc, KeyError) else f"cannot be read ({type(exc).__name__}: {exc})"
+            raise StoreDamagedError(f"feature store {self.path}: the metadata of array {name} ({name}/zarr.json) "
+                                    f"{reason}; rebuild the store") from None
+
+    def _load_side_array(self, name: str) -> tuple[np.ndarray, dict[int, str]]:
+        return load_rows_tolerant(self._array(name), name)
 
     def __getstate__(self) -> dict[str, Any]:
         # For spawn-based DataLoader workers: ship the metadata, never zarr handles.

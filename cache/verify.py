@@ -23,6 +23,7 @@ from cache.format import (
     STATUS_COMMITTED,
     STATUS_PENDING,
     STATUS_UNREADABLE,
+    StoreDamagedError,
     StoreEntryError,
     features_array,
     fingerprint_sha256,
@@ -145,8 +146,8 @@ def _array_problems(store: TeacherFeatureStore) -> list[str]:
     for name, (shape, dtype) in expected.items():
         try:
             arr = store._array(name)
-        except KeyError:
-            problems.append(f"array {name} is missing")
+        except StoreDamagedError:
+            problems.append(f"array {name} is missing or its metadata is unreadable")
             continue
         if tuple(arr.shape) != shape:
             problems.append(f"array {name} has shape {tuple(arr.shape)}, expected {shape}")

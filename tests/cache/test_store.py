@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -651,6 +652,67 @@ def test_cli_verify_exits_0_when_intact_1_when_damaged_2_when_not_a_store(tmp_pa
     not_store = run_cli("verify", str(tmp_path / "empty"))
     assert not_store.returncode == 2
     assert "not a teacher feature store" in not_store.stderr
+
+
+def _damage_image_index(root: str) -> str:
+    with open(os.path.join(root, "image_id", "c", "1"), "r+b") as f:
+        f.write(b"\xff\xff\xff")
+    return r"image_id array is damaged"
+
+
+def _drop_array_metadata(root: str) -> str:
+    os.remove(os.path.join(root, "features", "p3", "zarr.json"))
+    return r"features/p3"
+
+
+def _drop_layout_attribute(root: str) -> str:
+    meta_path = os.path.join(root, "zarr.json")
+    meta = json.loads(_read_bytes(root, "zarr.json"))
+    del meta["attributes"]["levels"]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    return r"layout attributes.*levels"
+
+
+@pytest.mark.parametrize("damage", [_damage_image_index, _drop_array_metadata, _drop_layout_attribute])
+@pytest.mark.parametrize("command", ["info", "verify"])
+def test_cli_exits_1_naming_damaged_store_metadata_without_a_traceback(tmp_path, capsys, damage, command):
+    from cache.__main__ import main
+
+    build_store(tmp_path / "s", make_layout("int8", "mirror"))
+    named = damage(str(tmp_path / "s"))
+    assert main([command, str(tmp_path / "s"), *(["--quiet"] if command == "verify" else [])]) == 1
+    err = capsys.readouterr().err
+    assert re.search(named, err) and str(tmp_path / "s") in err, err
+    assert err.count("\n") == 1 and err.startswith("error: ")  # one line
+
+
+@pytest.mark.parametrize("options", ['{"anon": tru', '["anon"]'])
+@pytest.mark.parametrize("command", ["info", "verify"])
+def test_cli_exits_2_naming_malformed_storage_options(tmp_path, capsys, command, options):
+    from cache.__main__ import main
+
+    assert main([command, "s3://bucket/store.zarr", "--storage-options", options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --storage-options") and "JSON object" in err and err.count("\n") == 1, err
+
+
+def test_cli_exits_2_naming_malformed_storage_options_from_the_environment(capsys, monkeypatch):
+    from cache.__main__ import main
+
+    monkeypatch.setenv("CACHE_STORAGE_OPTIONS", "{not json")
+    assert main(["info", "s3://bucket/store.zarr"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: $CACHE_STORAGE_OPTIONS") and "JSON object" in err, err
+
+
+def test_cli_exits_2_naming_storage_options_given_for_a_local_store(tmp_path, capsys):
+    from cache.__main__ import main
+
+    build_store(tmp_path / "s", make_layout("fp16", "mirror"))
+    assert main(["info", str(tmp_path / "s"), "--storage-options", '{"anon": true}']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --storage-options") and "local path" in err, err
 
 
 # ---------------------------------------------------------------- the document
