@@ -16,7 +16,7 @@ from cache.format import (
     diff_fingerprints,
     fingerprint_sha256,
 )
-from cache.reader import TeacherFeatureStore
+from cache.reader import StoreInfo, TeacherFeatureStore
 from cache.verify import VerifyReport, verify_store
 from cache.writer import BackgroundShardWriter, ImageEntry, TeacherFeatureWriter
 
@@ -30,6 +30,7 @@ __all__ = [
     "NotAFeatureStoreError",
     "StoreDamagedError",
     "StoreEntryError",
+    "StoreInfo",
     "StoreLayout",
     "StoreMismatchError",
     "TeacherFeatureStore",

@@ -12,9 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from cache.format import NotAFeatureStoreError, StoreDamagedError
 from cache.storage import STORAGE_OPTIONS_ENV, storage_options_for
+
+if TYPE_CHECKING:
+    from cache.reader import StoreInfo
 
 
 def _human_bytes(n: float | None) -> str:
@@ -27,23 +31,23 @@ def _human_bytes(n: float | None) -> str:
     return f"{n} B"
 
 
-def _info_table(info: dict) -> str:
-    ratio = f"{info['ratio_vs_fp32']:.2f}x smaller" if info["ratio_vs_fp32"] else "-"
+def _info_table(info: StoreInfo) -> str:
+    ratio = f"{info.ratio_vs_fp32:.2f}x smaller" if info.ratio_vs_fp32 else "-"
     rows = [
-        ("store", info["path"]),
-        ("dataset", info["dataset"]),
-        ("format", f"version {info['format_version']}"),
-        ("codec", info["codec"] + (f", {info['predictor']} predictor" if info["predictor"] != "none" else "")),
-        ("flip", info["flip"]),
-        ("levels", ", ".join(info["levels"])),
-        ("rpn outputs", f"objectness and deltas, {info['rpn_anchors']} anchors" if info["rpn_anchors"] else "not stored"),
-        ("images", f"{info['images_done']} done, {info['images_failed']} unreadable, "
-                   f"{info['images_pending']} pending, {info['images_total']} total"),
-        ("on disk", f"{_human_bytes(info['bytes_on_disk'])} ({_human_bytes(info['bytes_per_image'])} per done image)"),
-        ("vs float32", f"{ratio} (raw {_human_bytes(info['raw_fp32_bytes'])})"),
-        ("fingerprint", info["fingerprint_sha256"]),
-        ("created", info["created"] or "-"),
-        ("finalized", "yes" if info["finalized"] else "no"),
+        ("store", info.path),
+        ("dataset", info.dataset),
+        ("format", f"version {info.format_version}"),
+        ("codec", info.codec + (f", {info.predictor} predictor" if info.predictor != "none" else "")),
+        ("flip", info.flip),
+        ("levels", ", ".join(info.levels)),
+        ("rpn outputs", f"objectness and deltas, {info.rpn_anchors} anchors" if info.rpn_anchors else "not stored"),
+        ("images", f"{info.images_done} done, {info.images_failed} unreadable, "
+                   f"{info.images_pending} pending, {info.images_total} total"),
+        ("on disk", f"{_human_bytes(info.bytes_on_disk)} ({_human_bytes(info.bytes_per_image)} per done image)"),
+        ("vs float32", f"{ratio} (raw {_human_bytes(info.raw_fp32_bytes)})"),
+        ("fingerprint", info.fingerprint_sha256),
+        ("created", info.created or "-"),
+        ("finalized", "yes" if info.finalized else "no"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
@@ -53,7 +57,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from cache.reader import TeacherFeatureStore
 
     info = TeacherFeatureStore(args.store, args.storage_options).info()
-    print(json.dumps(info, indent=2) if args.json else _info_table(info))
+    print(json.dumps(info.to_dict(), indent=2) if args.json else _info_table(info))
     return 0
 
 

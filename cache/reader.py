@@ -11,6 +11,7 @@ import asyncio
 import json
 import operator
 import os
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
@@ -378,7 +379,7 @@ class TeacherFeatureStore:
 
     # ----------------------------------------------------------------- summary
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> StoreInfo:
         """Counts, sizes on disk and the compression ratio against raw float32 features."""
         status = self._status
         done = status == STATUS_COMMITTED
@@ -391,27 +392,60 @@ class TeacherFeatureStore:
             raw += int(np.sum(h * w)) * self.layout.channels_of(level) * 4 * views
         on_disk = url_bytes(self.path, self.storage_options) if is_url(self.path) else _directory_bytes(self.path)
         images_done = int(np.count_nonzero(done))
-        return {
-            "path": self.path,
-            "dataset": self.dataset,
-            "codec": self.layout.codec,
-            "predictor": self.layout.predictor,
-            "format_version": self.attrs.get("format_version"),
-            "levels": list(self.layout.levels),
-            "rpn_anchors": self.layout.rpn_anchors,
-            "flip": self.layout.flip,
-            "images_total": len(self),
-            "images_done": images_done,
-            "images_failed": int(np.count_nonzero(status == STATUS_UNREADABLE)),
-            "images_pending": int(np.count_nonzero(status == STATUS_PENDING)),
-            "bytes_on_disk": on_disk,
-            "bytes_per_image": (on_disk / images_done) if images_done else None,
-            "raw_fp32_bytes": raw,
-            "ratio_vs_fp32": (raw / on_disk) if on_disk else None,
-            "fingerprint_sha256": self.attrs.get("fingerprint_sha256") or fingerprint_sha256(self.fingerprint),
-            "created": self.attrs.get("created"),
-            "finalized": "failed" in self.attrs,
-        }
+        return StoreInfo(
+            path=self.path,
+            dataset=self.dataset,
+            codec=self.layout.codec,
+            predictor=self.layout.predictor,
+            format_version=self.attrs.get("format_version"),
+            levels=list(self.layout.levels),
+            rpn_anchors=self.layout.rpn_anchors,
+            flip=self.layout.flip,
+            images_total=len(self),
+            images_done=images_done,
+            images_failed=int(np.count_nonzero(status == STATUS_UNREADABLE)),
+            images_pending=int(np.count_nonzero(status == STATUS_PENDING)),
+            bytes_on_disk=on_disk,
+            bytes_per_image=(on_disk / images_done) if images_done else None,
+            raw_fp32_bytes=raw,
+            ratio_vs_fp32=(raw / on_disk) if on_disk else None,
+            fingerprint_sha256=self.attrs.get("fingerprint_sha256") or fingerprint_sha256(self.fingerprint),
+            created=self.attrs.get("created"),
+            finalized="failed" in self.attrs,
+        )
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """Summary of a store (TeacherFeatureStore.info()); `python -m cache info --json` prints its fields."""
+
+    path: str
+    dataset: str
+    codec: str
+    predictor: str
+    format_version: int | None
+    levels: list[str]
+    rpn_anchors: int  # A; 0: no RPN outputs stored
+    flip: str
+    images_total: int
+    images_done: int  # status 1
+    images_failed: int  # status 2: unreadable at write time
+    images_pending: int  # status 0: not written yet
+    bytes_on_disk: int | None
+    bytes_per_image: float | None  # per done image
+    raw_fp32_bytes: int  # the done images' stored maps as float32
+    ratio_vs_fp32: float | None
+    fingerprint_sha256: str
+    created: str | None
+    finalized: bool
+
+    @property
+    def complete(self) -> bool:
+        """Every row is done (committed or recorded unreadable)."""
+        return self.images_done + self.images_failed == self.images_total
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def object_key(array: zarr.Array, chunk_coords: tuple[int, ...]) -> str:

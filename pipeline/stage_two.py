@@ -14,7 +14,7 @@ from pipeline.losses import loss_class, loss_weight
 from pipeline.mapper import ON_BAD_ENTRY, DistillDatasetMapper
 from pipeline.teacher import store_resize, teacher_fingerprint
 from pipeline.trainer import Trainer, write_json
-from cache import StoreEntryError, StoreMismatchError, TeacherFeatureStore
+from cache import StoreEntryError, StoreInfo, StoreMismatchError, TeacherFeatureStore
 from detectron2.data import DatasetCatalog, build_detection_train_loader
 from detectron2.utils import comm
 
@@ -35,7 +35,7 @@ class StudentTrainer(Trainer):
         return [self.init_stage] + super().build_hooks()  # first: before any other hook's before_train
 
 
-def check_store(cfg) -> dict:
+def check_store(cfg) -> StoreInfo:
     """Refuse a store that was not built for this student's teacher, resize, codec and images."""
     path = cfg.DISTILL.CACHE.PATH
     if not Path(path).exists() and "://" not in path:
@@ -55,12 +55,12 @@ def check_store(cfg) -> dict:
     missing = sorted(wanted - {int(i) for i in store.image_ids})
     if missing:
         raise StoreMismatchError(f"store {path} lacks {len(missing)} training images, e.g. ids {missing[:5]}")
-    if info["images_done"] + info["images_failed"] < info["images_total"]:
-        raise StoreMismatchError(f"store {path} is incomplete ({info['images_done']} of {info['images_total']} images): "
+    if not info.complete:
+        raise StoreMismatchError(f"store {path} is incomplete ({info.images_done} of {info.images_total} images): "
                                  "resume it with make cache-teacher")
     _apply_bad_entry_policy(cfg.DISTILL.CACHE.ON_BAD_ENTRY, store)
     logger.info("distillation from store %s (fingerprint %s, %d images, codec %s)", path,
-                info["fingerprint_sha256"][:16], info["images_done"], info["codec"])
+                info.fingerprint_sha256[:16], info.images_done, info.codec)
     return info
 
 
@@ -115,7 +115,7 @@ def train_student(cfg, resume: bool = False) -> dict:
         "bbox": bbox, "iterations": cfg.SOLVER.MAX_ITER, "wall_seconds": round(wall, 1),
         "seconds_per_iter": _median_iter_seconds(cfg.OUTPUT_DIR),
         "init_stage": json.loads(init_log.read_text()) if init_log.exists() else None,
-        "store": {"path": cfg.DISTILL.CACHE.PATH, "fingerprint_sha256": store_info["fingerprint_sha256"]} if store_info else None,
+        "store": {"path": cfg.DISTILL.CACHE.PATH, "fingerprint_sha256": store_info.fingerprint_sha256} if store_info else None,
     }
     if comm.is_main_process():  # evaluation results and the metrics file belong to rank 0
         write_json(Path(cfg.OUTPUT_DIR) / "student_metrics.json", metrics)

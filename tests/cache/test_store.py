@@ -25,6 +25,7 @@ from cache import (
     ImageEntry,
     NotAFeatureStoreError,
     StoreEntryError,
+    StoreInfo,
     StoreLayout,
     StoreMismatchError,
     TeacherFeatureStore,
@@ -524,7 +525,7 @@ def test_unreadable_image_is_committed_with_status_2_and_its_reason(tmp_path):
     report = verify_store(str(tmp_path / "s"), progress=False)
     assert report.intact and report.failed == 1 and report.ok == len(IDS) - 1
     info = store.info()
-    assert info["images_done"] == len(IDS) - 1 and info["images_failed"] == 1
+    assert info.images_done == len(IDS) - 1 and info.images_failed == 1
 
 
 # ---------------------------------------------------------------- DataLoader workers
@@ -603,17 +604,20 @@ def test_background_writer_error_makes_the_next_submit_raise():
 # ---------------------------------------------------------------- info
 
 
-def test_info_reports_counts_and_sizes(tmp_path):
+def test_info_is_a_store_info_with_counts_sizes_and_the_layout(tmp_path):
     build_store(tmp_path / "s", make_layout("int8", "mirror"))
     info = TeacherFeatureStore(str(tmp_path / "s")).info()
-    assert info["images_total"] == info["images_done"] == len(IDS) and info["images_failed"] == 0
+    assert isinstance(info, StoreInfo)
+    assert info.images_total == info.images_done == len(IDS) and info.images_failed == info.images_pending == 0
     raw = sum(
         CHANNELS * -(-resized_hw_of(i)[0] // s) * -(-resized_hw_of(i)[1] // s) * 4 for i in IDS for s in STRIDES
     )
-    assert info["raw_fp32_bytes"] == raw
-    assert info["bytes_on_disk"] > 0 and info["ratio_vs_fp32"] == pytest.approx(raw / info["bytes_on_disk"])
-    assert info["codec"] == "int8" and info["levels"] == list(LEVELS) and info["flip"] == "mirror"
-    assert info["fingerprint_sha256"] == fingerprint_sha256(FINGERPRINT) and info["dataset"] == "toy_train"
+    assert info.raw_fp32_bytes == raw
+    assert info.bytes_on_disk > 0 and info.ratio_vs_fp32 == pytest.approx(raw / info.bytes_on_disk)
+    assert info.bytes_per_image == pytest.approx(info.bytes_on_disk / len(IDS))
+    assert info.codec == "int8" and info.predictor == "plane" and info.levels == list(LEVELS) and info.flip == "mirror"
+    assert info.fingerprint_sha256 == fingerprint_sha256(FINGERPRINT) and info.dataset == "toy_train"
+    assert info.finalized and info.created and info.rpn_anchors == 0
 
 
 # ---------------------------------------------------------------- command line
@@ -628,10 +632,12 @@ def test_cli_info_json_prints_the_summary_fields(tmp_path):
     result = run_cli("info", str(tmp_path / "s"), "--json")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
-    for key in ("images_total", "images_done", "images_failed", "bytes_on_disk", "bytes_per_image",
-                "raw_fp32_bytes", "ratio_vs_fp32", "codec", "levels", "flip", "fingerprint_sha256", "dataset", "path"):
-        assert key in info, key
-    assert info["images_done"] == len(IDS)
+    assert list(info) == [
+        "path", "dataset", "codec", "predictor", "format_version", "levels", "rpn_anchors", "flip", "images_total",
+        "images_done", "images_failed", "images_pending", "bytes_on_disk", "bytes_per_image", "raw_fp32_bytes",
+        "ratio_vs_fp32", "fingerprint_sha256", "created", "finalized",
+    ]
+    assert info["images_done"] == len(IDS) and info["bytes_on_disk"] > 0
     table = run_cli("info", str(tmp_path / "s"))
     assert table.returncode == 0 and "fp16" in table.stdout and "per done image" in table.stdout
 
