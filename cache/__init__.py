@@ -9,13 +9,14 @@ from cache.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     NotAFeatureStoreError,
+    StoreDamagedError,
     StoreEntryError,
     StoreLayout,
     StoreMismatchError,
     diff_fingerprints,
     fingerprint_sha256,
 )
-from cache.reader import TeacherFeatureStore
+from cache.reader import StoreInfo, TeacherFeatureStore
 from cache.verify import VerifyReport, verify_store
 from cache.writer import BackgroundShardWriter, ImageEntry, TeacherFeatureWriter
 
@@ -27,7 +28,9 @@ __all__ = [
     "FORMAT_VERSION",
     "ImageEntry",
     "NotAFeatureStoreError",
+    "StoreDamagedError",
     "StoreEntryError",
+    "StoreInfo",
     "StoreLayout",
     "StoreMismatchError",
     "TeacherFeatureStore",

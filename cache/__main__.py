@@ -3,7 +3,8 @@
 STORE is a directory or a URL (s3://bucket/key.zarr); fsspec storage options for a URL come from
 --storage-options or the CACHE_STORAGE_OPTIONS environment variable (a JSON object).
 
-Exit codes: 0 fine; 1 verify found damaged entries or store problems; 2 the path is not a store.
+Exit codes: 0 fine; 1 the store is damaged (verify found damaged entries or store problems, or its metadata
+cannot be read); 2 the path is not a store, or the storage options are malformed. Never a traceback.
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-from cache.format import NotAFeatureStoreError
-from cache.storage import STORAGE_OPTIONS_ENV
+from cache.format import NotAFeatureStoreError, StoreDamagedError
+from cache.storage import STORAGE_OPTIONS_ENV, storage_options_for
+
+if TYPE_CHECKING:
+    from cache.reader import StoreInfo
 
 
 def _human_bytes(n: float | None) -> str:
@@ -26,23 +31,23 @@ def _human_bytes(n: float | None) -> str:
     return f"{n} B"
 
 
-def _info_table(info: dict) -> str:
-    ratio = f"{info['ratio_vs_fp32']:.2f}x smaller" if info["ratio_vs_fp32"] else "-"
+def _info_table(info: StoreInfo) -> str:
+    ratio = f"{info.ratio_vs_fp32:.2f}x smaller" if info.ratio_vs_fp32 else "-"
     rows = [
-        ("store", info["path"]),
-        ("dataset", info["dataset"]),
-        ("format", f"version {info['format_version']}"),
-        ("codec", info["codec"] + (f", {info['predictor']} predictor" if info["predictor"] != "none" else "")),
-        ("flip", info["flip"]),
-        ("levels", ", ".join(info["levels"])),
-        ("rpn outputs", f"objectness and deltas, {info['rpn_anchors']} anchors" if info["rpn_anchors"] else "not stored"),
-        ("images", f"{info['images_done']} done, {info['images_failed']} unreadable, "
-                   f"{info['images_pending']} pending, {info['images_total']} total"),
-        ("on disk", f"{_human_bytes(info['bytes_on_disk'])} ({_human_bytes(info['bytes_per_image'])} per done image)"),
-        ("vs float32", f"{ratio} (raw {_human_bytes(info['raw_fp32_bytes'])})"),
-        ("fingerprint", info["fingerprint_sha256"]),
-        ("created", info["created"] or "-"),
-        ("finalized", "yes" if info["finalized"] else "no"),
+        ("store", info.path),
+        ("dataset", info.dataset),
+        ("format", f"version {info.format_version}"),
+        ("codec", info.codec + (f", {info.predictor} predictor" if info.predictor != "none" else "")),
+        ("flip", info.flip),
+        ("levels", ", ".join(info.levels)),
+        ("rpn outputs", f"objectness and deltas, {info.rpn_anchors} anchors" if info.rpn_anchors else "not stored"),
+        ("images", f"{info.images_done} done, {info.images_failed} unreadable, "
+                   f"{info.images_pending} pending, {info.images_total} total"),
+        ("on disk", f"{_human_bytes(info.bytes_on_disk)} ({_human_bytes(info.bytes_per_image)} per done image)"),
+        ("vs float32", f"{ratio} (raw {_human_bytes(info.raw_fp32_bytes)})"),
+        ("fingerprint", info.fingerprint_sha256),
+        ("created", info.created or "-"),
+        ("finalized", "yes" if info.finalized else "no"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
@@ -52,7 +57,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from cache.reader import TeacherFeatureStore
 
     info = TeacherFeatureStore(args.store, args.storage_options).info()
-    print(json.dumps(info, indent=2) if args.json else _info_table(info))
+    print(json.dumps(info.to_dict(), indent=2) if args.json else _info_table(info))
     return 0
 
 
@@ -96,10 +101,22 @@ def main(argv: list[str] | None = None) -> int:
     verify.set_defaults(run=_cmd_verify)
     args = parser.parse_args(argv)
     try:
+        given = args.storage_options
+        args.storage_options = storage_options_for(args.store, given)
+    except ValueError as exc:  # $CACHE_STORAGE_OPTIONS names itself in the message
+        print(f"error: --storage-options: {exc}" if given else f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         return args.run(args)
     except NotAFeatureStoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StoreDamagedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # permissions, a lost connection to the object store, ...
+        print(f"error: cannot read feature store {args.store}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

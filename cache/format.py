@@ -62,8 +62,13 @@ def rpn_key(output: str, level: str) -> str:
     return f"{output}/{level}"
 
 
-# The layout fields stored as group attributes; a resume compares exactly these.
+# The layout fields every store has as group attributes (StoreLayout.from_attrs needs them).
 _LAYOUT_FIELDS = ("levels", "strides", "channels", "codec", "flip", "max_hw", "shard_images", "tile")
+# The group attributes that are not the layout: identity, provenance and the finalisation record. Every other
+# attribute is the layout, known to this code or not: a resume compares it whichever side has it
+# (diff_layout_attrs), so an optional attribute (rpn_anchors, predictor, ...) needs no rule of its own.
+NON_LAYOUT_ATTRS = ("format", "format_version", "dataset", "num_images", "fingerprint", "fingerprint_sha256",
+                    "created", "failed", "summary")
 
 
 @dataclass(frozen=True)
@@ -235,6 +240,20 @@ def diff_fingerprints(expected: dict, actual: dict) -> list[str]:
     return lines
 
 
+def diff_layout_attrs(expected: Mapping[str, Any], stored: Mapping[str, Any]) -> list[str]:
+    """One line "field: store has X, expected Y" per layout attribute that differs or exists on one side only.
+
+    expected: the requested layout's `to_attrs()`; stored: all of the store's group attributes.
+    """
+    expected, stored = json_normalised(dict(expected)), json_normalised(dict(stored))
+    names = list(expected) + sorted(k for k in stored if k not in expected and k not in NON_LAYOUT_ATTRS)
+    def shown(value: Any) -> str:  # names such as codecs read best unquoted
+        return value if isinstance(value, str) else _short(value)
+
+    return [f"{name}: store has {shown(stored.get(name, _MISSING))}, expected {shown(expected.get(name, _MISSING))}"
+            for name in names if stored.get(name, _MISSING) != expected.get(name, _MISSING)]
+
+
 def _diff_into(expected: Any, actual: Any, prefix: str, lines: list[str]) -> None:
     if isinstance(expected, dict) and isinstance(actual, dict):
         for key in sorted(set(expected) | set(actual)):
@@ -292,3 +311,10 @@ class StoreEntryError(KeyError):
 
 class NotAFeatureStoreError(ValueError):
     """The path holds no teacher feature store (or one of an unsupported format version)."""
+
+
+class StoreDamagedError(RuntimeError):
+    """The path holds a store whose metadata is damaged (layout attributes, an array's zarr.json, the image index).
+
+    Nothing of it can be served; the message names the damage. Rebuild the store (overwrite).
+    """

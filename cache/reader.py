@@ -11,6 +11,7 @@ import asyncio
 import json
 import operator
 import os
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
@@ -32,6 +33,7 @@ from cache.format import (
     STATUS_UNREADABLE,
     RPN_DELTAS,
     NotAFeatureStoreError,
+    StoreDamagedError,
     StoreEntryError,
     StoreLayout,
     StoreMismatchError,
@@ -115,7 +117,11 @@ class TeacherFeatureStore:
         attrs = read_group_attrs(self.path, self.storage_options)
         check_store_attrs(self.path, attrs)
         self.attrs: dict = attrs
-        self.layout = StoreLayout.from_attrs(attrs)
+        try:
+            self.layout = StoreLayout.from_attrs(attrs)
+        except (ValueError, TypeError) as exc:
+            raise StoreDamagedError(f"feature store {self.path}: its layout attributes are damaged ({exc}); "
+                                    "rebuild the store") from None
         self.codec = self.layout.feature_codec
         self.fingerprint: dict = attrs.get("fingerprint", {})
         self.dataset: str = attrs.get("dataset", "")
@@ -124,7 +130,7 @@ class TeacherFeatureStore:
         self._arrays: dict[str, zarr.Array] = {}
         ids, damaged = self._load_side_array(IMAGE_ID)
         if damaged:
-            raise RuntimeError(
+            raise StoreDamagedError(
                 f"feature store {self.path}: the image_id array is damaged ({next(iter(damaged.values()))}); "
                 "rows cannot be matched to images. Rebuild the store."
             )
@@ -270,7 +276,7 @@ class TeacherFeatureStore:
             self._ensure_open()
             fetched = sync(_gather([self._fetch(*requests[i], keys) for i in fetch]))
             for i, arrays in zip(fetch, fetched):
-                out[i] = self._decode(requests[i][0], arrays, keys)
+                out[i] = self._decode(*requests[i], arrays, keys)
         return out
 
     async def _fetch(self, row: int, view: int, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -289,7 +295,8 @@ class TeacherFeatureStore:
         )
         return dict(zip(selections, results))
 
-    def _decode(self, row: int, arrays: dict[str, Any], keys: tuple[str, ...]) -> dict[str, np.ndarray] | StoreEntryError:
+    def _decode(self, row: int, view: int, arrays: dict[str, Any],
+                keys: tuple[str, ...]) -> dict[str, np.ndarray] | StoreEntryError:
         image_id = int(self.image_ids[row])
         for name, value in arrays.items():
             if isinstance(value, BaseException):
@@ -298,6 +305,11 @@ class TeacherFeatureStore:
                     f"damaged data in {name} (checksum or decoding failed: {type(value).__name__}: {value}); "
                     f"run `python -m cache verify {self.path}` and rewrite the store",
                 )
+        lost = self._lost_object(row, view, arrays, keys)
+        if lost:
+            return StoreEntryError.for_entry(
+                image_id, self.path, f"{lost}; run `python -m cache verify {self.path}` and rewrite the store"
+            )
         decoded = {}
         for level in keys:
             stored = np.asarray(arrays[features_array(level)])
@@ -306,6 +318,26 @@ class TeacherFeatureStore:
                 params = QuantParams(np.asarray(arrays[scale_array(level)]), np.asarray(arrays[offset_array(level)]))
             decoded[level] = self.codec.decode(stored, params)
         return decoded
+
+    def _lost_object(self, row: int, view: int, arrays: dict[str, Any], keys: tuple[str, ...]) -> str | None:
+        """Why a fetched (row, view) holds fill values that stand for a lost object; None when it does not.
+
+        Zarr reads an absent object as its fill value (0). The writer stores every object of a committed
+        shard (cache/writer.py), so a map whose stored values are all 0 is checked for its object: present,
+        the zeros are the features (a constant map); absent, the object was lost. Real maps are never all
+        zero, so reads of intact entries pay nothing for the check.
+        """
+        shard = row // self.layout.shard_images
+        for level in keys:
+            suspects = [] if np.any(arrays[features_array(level)]) else [("shard", features_array(level))]
+            if self.codec.quantised:
+                suspects += [(kind, name(level)) for kind, name in (("scale", scale_array), ("offset", offset_array))
+                             if not np.any(arrays[name(level)])]
+            for kind, name in suspects:
+                key = object_key(self._arrays[name], (shard, view, 0, 0, 0) if kind == "shard" else (shard, 0, 0))
+                if not sync(self._group.store.exists(key)):
+                    return missing_object_reason(level, self.layout.views[view], kind, key)
+        return None
 
     # ----------------------------------------------------------------- zarr handles
 
@@ -319,21 +351,25 @@ class TeacherFeatureStore:
             if self.codec.quantised:
                 names += [f(lv) for lv in self.layout.stored_keys for f in (scale_array, offset_array)]
             for name in names:
-                self._arrays[name] = self._group[name]
+                self._arrays[name] = self._open_array(name)
             self._pid = os.getpid()
 
     def _array(self, name: str) -> zarr.Array:
         self._ensure_open()
         if name not in self._arrays:
-            self._arrays[name] = self._group[name]
+            self._arrays[name] = self._open_array(name)
         return self._arrays[name]
 
-    def _load_side_array(self, name: str) -> tuple[np.ndarray, dict[int, str]]:
+    def _open_array(self, name: str) -> zarr.Array:
         try:
-            arr = self._array(name)
-        except KeyError:
-            raise NotAFeatureStoreError(f"feature store {self.path} lacks the {name!r} array; it is damaged") from None
-        return load_rows_tolerant(arr, name)
+            return self._group[name]
+        except Exception as exc:  # noqa: BLE001 - zarr raises KeyError, JSON or validation errors here
+            reason = "is missing" if isinstance(exc, KeyError) else f"cannot be read ({type(exc).__name__}: {exc})"
+            raise StoreDamagedError(f"feature store {self.path}: the metadata of array {name} ({name}/zarr.json) "
+                                    f"{reason}; rebuild the store") from None
+
+    def _load_side_array(self, name: str) -> tuple[np.ndarray, dict[int, str]]:
+        return load_rows_tolerant(self._array(name), name)
 
     def __getstate__(self) -> dict[str, Any]:
         # For spawn-based DataLoader workers: ship the metadata, never zarr handles.
@@ -343,7 +379,7 @@ class TeacherFeatureStore:
 
     # ----------------------------------------------------------------- summary
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> StoreInfo:
         """Counts, sizes on disk and the compression ratio against raw float32 features."""
         status = self._status
         done = status == STATUS_COMMITTED
@@ -356,27 +392,70 @@ class TeacherFeatureStore:
             raw += int(np.sum(h * w)) * self.layout.channels_of(level) * 4 * views
         on_disk = url_bytes(self.path, self.storage_options) if is_url(self.path) else _directory_bytes(self.path)
         images_done = int(np.count_nonzero(done))
-        return {
-            "path": self.path,
-            "dataset": self.dataset,
-            "codec": self.layout.codec,
-            "predictor": self.layout.predictor,
-            "format_version": self.attrs.get("format_version"),
-            "levels": list(self.layout.levels),
-            "rpn_anchors": self.layout.rpn_anchors,
-            "flip": self.layout.flip,
-            "images_total": len(self),
-            "images_done": images_done,
-            "images_failed": int(np.count_nonzero(status == STATUS_UNREADABLE)),
-            "images_pending": int(np.count_nonzero(status == STATUS_PENDING)),
-            "bytes_on_disk": on_disk,
-            "bytes_per_image": (on_disk / images_done) if images_done else None,
-            "raw_fp32_bytes": raw,
-            "ratio_vs_fp32": (raw / on_disk) if on_disk else None,
-            "fingerprint_sha256": self.attrs.get("fingerprint_sha256") or fingerprint_sha256(self.fingerprint),
-            "created": self.attrs.get("created"),
-            "finalized": "failed" in self.attrs,
-        }
+        return StoreInfo(
+            path=self.path,
+            dataset=self.dataset,
+            codec=self.layout.codec,
+            predictor=self.layout.predictor,
+            format_version=self.attrs.get("format_version"),
+            levels=list(self.layout.levels),
+            rpn_anchors=self.layout.rpn_anchors,
+            flip=self.layout.flip,
+            images_total=len(self),
+            images_done=images_done,
+            images_failed=int(np.count_nonzero(status == STATUS_UNREADABLE)),
+            images_pending=int(np.count_nonzero(status == STATUS_PENDING)),
+            bytes_on_disk=on_disk,
+            bytes_per_image=(on_disk / images_done) if images_done else None,
+            raw_fp32_bytes=raw,
+            ratio_vs_fp32=(raw / on_disk) if on_disk else None,
+            fingerprint_sha256=self.attrs.get("fingerprint_sha256") or fingerprint_sha256(self.fingerprint),
+            created=self.attrs.get("created"),
+            finalized="failed" in self.attrs,
+        )
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """Summary of a store (TeacherFeatureStore.info()); `python -m cache info --json` prints its fields."""
+
+    path: str
+    dataset: str
+    codec: str
+    predictor: str
+    format_version: int | None
+    levels: list[str]
+    rpn_anchors: int  # A; 0: no RPN outputs stored
+    flip: str
+    images_total: int
+    images_done: int  # status 1
+    images_failed: int  # status 2: unreadable at write time
+    images_pending: int  # status 0: not written yet
+    bytes_on_disk: int | None
+    bytes_per_image: float | None  # per done image
+    raw_fp32_bytes: int  # the done images' stored maps as float32
+    ratio_vs_fp32: float | None
+    fingerprint_sha256: str
+    created: str | None
+    finalized: bool
+
+    @property
+    def complete(self) -> bool:
+        """Every row is done (committed or recorded unreadable)."""
+        return self.images_done + self.images_failed == self.images_total
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def object_key(array: zarr.Array, chunk_coords: tuple[int, ...]) -> str:
+    """Store key of the object holding chunk (or shard) `chunk_coords` of `array`."""
+    return f"{array.path}/{array.metadata.encode_chunk_key(chunk_coords)}"
+
+
+def missing_object_reason(level: str, view: str, kind: str, key: str) -> str:
+    """How the reader and verify name a lost object of a committed entry."""
+    return f"{level} (view {view}): {kind} object {key} is missing"
 
 
 def load_rows_tolerant(arr: zarr.Array, name: str) -> tuple[np.ndarray, dict[int, str]]:

@@ -25,8 +25,15 @@ def is_url(path: str | os.PathLike) -> bool:
 def storage_options_for(path: str | os.PathLike, options: str | Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The fsspec options for `path`: `options` when given, else $CACHE_STORAGE_OPTIONS for a URL, else none."""
     if not options and is_url(path):
-        options = os.environ.get(STORAGE_OPTIONS_ENV, "")
-    return parse_storage_options(options)
+        try:
+            return parse_storage_options(os.environ.get(STORAGE_OPTIONS_ENV, ""))
+        except ValueError as exc:
+            raise ValueError(f"${STORAGE_OPTIONS_ENV}: {exc}") from None
+    parsed = parse_storage_options(options)
+    if parsed and not is_url(path):
+        raise ValueError(f"storage options {parsed} were given for the local path {os.fspath(path)}; they apply to "
+                         "URLs (s3://...) only")
+    return parsed
 
 
 def parse_storage_options(options: str | Mapping[str, Any] | None) -> dict[str, Any]:

@@ -23,13 +23,14 @@ from cache.format import (
     STATUS_COMMITTED,
     STATUS_PENDING,
     STATUS_UNREADABLE,
+    StoreDamagedError,
     StoreEntryError,
     features_array,
     fingerprint_sha256,
     offset_array,
     scale_array,
 )
-from cache.reader import TeacherFeatureStore
+from cache.reader import TeacherFeatureStore, missing_object_reason, object_key
 
 REQUIRED_ATTRS = (
     "format", "format_version", "levels", "strides", "channels", "codec", "flip", "views", "shard_images",
@@ -145,8 +146,8 @@ def _array_problems(store: TeacherFeatureStore) -> list[str]:
     for name, (shape, dtype) in expected.items():
         try:
             arr = store._array(name)
-        except KeyError:
-            problems.append(f"array {name} is missing")
+        except StoreDamagedError:
+            problems.append(f"array {name} is missing or its metadata is unreadable")
             continue
         if tuple(arr.shape) != shape:
             problems.append(f"array {name} has shape {tuple(arr.shape)}, expected {shape}")
@@ -180,17 +181,20 @@ def _size_problem(store: TeacherFeatureStore, row: int) -> str | None:
 
 
 def _missing_shard_objects(store: TeacherFeatureStore, shard: int, rows: list[int]) -> dict[int, str]:
-    """Committed rows whose feature shard object is absent (zarr would read it as zeros)."""
+    """Committed rows whose feature shard, scale or offset object is absent (zarr would read it as zeros)."""
     if not rows:
         return {}
     store._ensure_open()
-    group_store = store._group.store
-    for level in store.layout.stored_keys:
-        arr = store._array(features_array(level))
-        for view in range(len(store.layout.views)):
-            key = f"{arr.path}/{arr.metadata.encode_chunk_key((shard, view, 0, 0, 0))}"
-            if not sync(group_store.exists(key)):
-                return {row: f"shard object {key} is missing" for row in rows}
+    group_store, layout = store._group.store, store.layout
+    kinds = (("shard", features_array),) + ((("scale", scale_array), ("offset", offset_array))
+                                             if store.codec.quantised else ())
+    for level in layout.stored_keys:
+        for view, view_name in enumerate(layout.views):
+            for kind, name in kinds:
+                coords = (shard, view, 0, 0, 0) if kind == "shard" else (shard, 0, 0)
+                key = object_key(store._array(name(level)), coords)
+                if not sync(group_store.exists(key)):
+                    return {row: missing_object_reason(level, view_name, kind, key) for row in rows}
     return {}
 
 

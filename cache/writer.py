@@ -38,13 +38,14 @@ from cache.format import (
     StoreLayout,
     StoreMismatchError,
     diff_fingerprints,
+    diff_layout_attrs,
     features_array,
     fingerprint_sha256,
     json_normalised,
     offset_array,
     scale_array,
 )
-from cache.reader import load_rows_tolerant, read_group_attrs
+from cache.reader import load_rows_tolerant, object_key, read_group_attrs
 from cache.storage import delete_url_tree, is_url, storage_options_for, url_is_occupied, zarr_store
 
 FEATURE_DIMS = ("image", "view", "channel", "y", "x")
@@ -262,14 +263,14 @@ class TeacherFeatureWriter:
 
     def _delete_shard_objects(self, shard: int) -> None:
         """Remove every stored object of `shard` except its image ids, the status chunk first."""
-        keys = [_object_key(self._array(STATUS), (shard,))]
+        keys = [object_key(self._array(STATUS), (shard,))]
         for level in self.layout.stored_keys:
             features = self._array(features_array(level))
-            keys += [_object_key(features, (shard, v, 0, 0, 0)) for v in range(len(self.layout.views))]
+            keys += [object_key(features, (shard, v, 0, 0, 0)) for v in range(len(self.layout.views))]
             if self._codec.quantised:
-                keys += [_object_key(self._array(name(level)), (shard, 0, 0)) for name in (scale_array, offset_array)]
-        keys += [_object_key(self._array(name), (shard, 0)) for name in SIZE_ARRAYS]
-        keys.append(_object_key(self._array(ERROR), (shard,)))
+                keys += [object_key(self._array(name(level)), (shard, 0, 0)) for name in (scale_array, offset_array)]
+        keys += [object_key(self._array(name), (shard, 0)) for name in SIZE_ARRAYS]
+        keys.append(object_key(self._array(ERROR), (shard,)))
         store = self._group.store
         for key in keys:
             sync(store.delete(key))
@@ -302,12 +303,15 @@ class TeacherFeatureWriter:
                     raise ValueError(f"image {entry.image_id}, {view}/{level}: {exc}") from None
                 if params is not None:
                     scale[i, v], offset[i, v] = params.scale, params.offset
-            features[rows.start : rows.stop, v, :, :box_h, :box_w] = block
+            # Zarr stores no object for a shard of fill values (all-zero codes: constant or zero maps); write
+            # its tiles anyway, so that an absent object of a committed shard always means a lost one.
+            target = features if block.any() else _writing_empty_chunks(features)
+            target[rows.start : rows.stop, v, :, :box_h, :box_w] = block
             del block
-            written += _stored_size(self._group.store, _object_key(features, (shard, v, 0, 0, 0)))
-        if codec.quantised:
-            self._array(scale_array(level))[rows.start : rows.stop] = scale
-            self._array(offset_array(level))[rows.start : rows.stop] = offset
+            written += _stored_size(self._group.store, object_key(features, (shard, v, 0, 0, 0)))
+        if codec.quantised:  # an offset chunk of zeros (maps whose minimum is 0) is stored too, for the same reason
+            _writing_empty_chunks(self._array(scale_array(level)))[rows.start : rows.stop] = scale
+            _writing_empty_chunks(self._array(offset_array(level)))[rows.start : rows.stop] = offset
         return written
 
 
@@ -315,9 +319,9 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _object_key(array: zarr.Array, chunk_coords: tuple[int, ...]) -> str:
-    """Store key of the object holding chunk (or shard) `chunk_coords` of `array`."""
-    return f"{array.path}/{array.metadata.encode_chunk_key(chunk_coords)}"
+def _writing_empty_chunks(array: zarr.Array) -> zarr.Array:
+    """`array` with zarr's write_empty_chunks on: chunks of fill values are stored rather than skipped."""
+    return array.with_config({"write_empty_chunks": True})
 
 
 def _stored_size(store: Any, key: str) -> int:
@@ -409,10 +413,7 @@ def _differences(
     lines = []
     if attrs.get("format_version") not in READABLE_FORMAT_VERSIONS:
         lines.append(f"format_version: store has {attrs.get('format_version')}, expected {FORMAT_VERSION}")
-    wanted = layout.to_attrs()
-    for key, value in wanted.items():
-        if attrs.get(key, "<missing>") != value:
-            lines.append(f"{key}: store has {attrs.get(key, '<missing>')}, expected {value}")
+    lines += diff_layout_attrs(layout.to_attrs(), attrs)
     if attrs.get("dataset") != dataset:
         lines.append(f"dataset: store has {attrs.get('dataset')!r}, expected {dataset!r}")
     lines += [f"fingerprint.{line}" for line in diff_fingerprints(fingerprint, attrs.get("fingerprint", {}))]

@@ -173,10 +173,10 @@ def _cache_teacher_locked(cfg, overwrite: bool, plan: TeacherPlan) -> dict:
 
     info = TeacherFeatureStore(cfg.DISTILL.CACHE.PATH, cfg.DISTILL.CACHE.STORAGE_OPTIONS).info()
     summary = {
-        "images_written": images, "images_total": info["images_total"],
+        "images_written": images, "images_total": info.images_total,
         "images_failed_this_run": sum(r["failed"] for r in ranks), "processes": world,
-        "bytes_on_disk": info["bytes_on_disk"], "bytes_per_image": info["bytes_per_image"],
-        "ratio_vs_fp32": info["ratio_vs_fp32"], "wall_seconds": round(wall, 2),
+        "bytes_on_disk": info.bytes_on_disk, "bytes_per_image": info.bytes_per_image,
+        "ratio_vs_fp32": info.ratio_vs_fp32, "wall_seconds": round(wall, 2),
         "teacher_seconds": round(infer_seconds, 2),  # summed over processes
         "images_per_second": round(images / wall, 3) if wall > 0 else None,
         "teacher_images_per_second": round(images / infer_seconds, 3) if infer_seconds > 0 else None,

@@ -14,7 +14,7 @@ from pipeline.losses import loss_class, loss_weight
 from pipeline.mapper import ON_BAD_ENTRY, DistillDatasetMapper
 from pipeline.plan import TeacherPlan
 from pipeline.trainer import Trainer, write_json
-from cache import StoreEntryError, StoreMismatchError, TeacherFeatureStore
+from cache import StoreEntryError, StoreInfo, StoreMismatchError, TeacherFeatureStore
 from detectron2.data import DatasetCatalog, build_detection_train_loader
 from detectron2.utils import comm
 
@@ -35,7 +35,7 @@ class StudentTrainer(Trainer):
         return [self.init_stage] + super().build_hooks()  # first: before any other hook's before_train
 
 
-def check_store(cfg, plan: TeacherPlan | None = None) -> dict:
+def check_store(cfg, plan: TeacherPlan | None = None) -> StoreInfo:
     """Refuse a store that was not built for this student's teacher, resize, codec and images.
 
     plan: the config's resolved TeacherPlan (resolved here when not given).
@@ -63,12 +63,12 @@ def check_store(cfg, plan: TeacherPlan | None = None) -> dict:
     missing = sorted(wanted - {int(i) for i in store.image_ids})
     if missing:
         raise StoreMismatchError(f"store {path} lacks {len(missing)} training images, e.g. ids {missing[:5]}")
-    if info["images_done"] + info["images_failed"] < info["images_total"]:
-        raise StoreMismatchError(f"store {path} is incomplete ({info['images_done']} of {info['images_total']} images): "
+    if not info.complete:
+        raise StoreMismatchError(f"store {path} is incomplete ({info.images_done} of {info.images_total} images): "
                                  "resume it with make cache-teacher")
     _apply_bad_entry_policy(cfg.DISTILL.CACHE.ON_BAD_ENTRY, store)
     logger.info("distillation from store %s (fingerprint %s, %d images, codec %s)", path,
-                info["fingerprint_sha256"][:16], info["images_done"], info["codec"])
+                info.fingerprint_sha256[:16], info.images_done, info.codec)
     return info
 
 
@@ -103,7 +103,7 @@ def _median_iter_seconds(output_dir: str) -> float | None:
     return round(statistics.median(times), 4) if times else None
 
 
-def train_student(cfg, resume: bool = False, store_info: dict | None = None) -> dict:
+def train_student(cfg, resume: bool = False, store_info: StoreInfo | None = None) -> dict:
     """Check the store, train (or resume) the student to SOLVER.MAX_ITER, evaluate it; return its metrics.
 
     store_info: check_store's result when the caller has checked the store already.
@@ -126,7 +126,7 @@ def train_student(cfg, resume: bool = False, store_info: dict | None = None) -> 
         "bbox": bbox, "iterations": cfg.SOLVER.MAX_ITER, "wall_seconds": round(wall, 1),
         "seconds_per_iter": _median_iter_seconds(cfg.OUTPUT_DIR),
         "init_stage": json.loads(init_log.read_text()) if init_log.exists() else None,
-        "store": {"path": cfg.DISTILL.CACHE.PATH, "fingerprint_sha256": store_info["fingerprint_sha256"]} if store_info else None,
+        "store": {"path": cfg.DISTILL.CACHE.PATH, "fingerprint_sha256": store_info.fingerprint_sha256} if store_info else None,
     }
     if comm.is_main_process():  # evaluation results and the metrics file belong to rank 0
         write_json(Path(cfg.OUTPUT_DIR) / "student_metrics.json", metrics)

@@ -658,12 +658,12 @@ def measure_codecs(size: str, ctx: dict, n_batches: int) -> dict:
                     levels[lv]["sq_ref"] += float((r.double() ** 2).sum())
                     levels[lv]["max_abs"] = max(levels[lv]["max_abs"], float(d.abs().max()))
         out[codec] = {
-            "bytes_per_image": info["bytes_per_image"], "raw_fp32_bytes_per_image": info["raw_fp32_bytes"] / info["images_done"],
-            "ratio_vs_fp32": info["ratio_vs_fp32"], "views_stored": len(store.layout.views), "images": info["images_done"],
+            "bytes_per_image": info.bytes_per_image, "raw_fp32_bytes_per_image": info.raw_fp32_bytes / info.images_done,
+            "ratio_vs_fp32": info.ratio_vs_fp32, "views_stored": len(store.layout.views), "images": info.images_done,
             "levels": {lv: {"rel_l2": math.sqrt(v["sq_err"] / v["sq_ref"]), "max_abs": v["max_abs"]} for lv, v in levels.items()},
         }
         if size == "coco":
-            out[codec]["projected_coco_train2017_bytes"] = info["bytes_per_image"] * COCO_TRAIN2017_IMAGES
+            out[codec]["projected_coco_train2017_bytes"] = info.bytes_per_image * COCO_TRAIN2017_IMAGES
     decoders = {codec: (lambda i, v, store=store: store.read(i, flip=(v == "hflip"))) for codec, store in stores.items()}
     dev = loss_kd_deviation(size, ctx, n_batches, decoders)
     for codec in CODEC_NAMES:

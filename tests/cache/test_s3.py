@@ -69,10 +69,10 @@ def test_stage_one_writes_to_s3_the_same_features_as_to_a_local_directory(s3, s3
             a, b = remote.read(int(image_id), flip=flip), local.read(int(image_id), flip=flip)
             assert all(torch.equal(a[k], b[k]) for k in b), (int(image_id), flip)
     info, local_info = remote.info(), local.info()
-    assert info["images_done"] == info["images_total"] == 16 and info["finalized"]
+    assert info.images_done == info.images_total == 16 and info.finalized
     # The same objects, counted through S3 listings instead of a directory walk (zarr.json attributes differ
     # by a few bytes: timestamps and timings).
-    assert abs(info["bytes_on_disk"] - local_info["bytes_on_disk"]) < 2048
+    assert abs(info.bytes_on_disk - local_info.bytes_on_disk) < 2048
     assert s3["fs"].exists(f"{BUCKET}/tiny.zarr/features/p2/c/0/0/0/0/0")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from cache import (
     ImageEntry,
     NotAFeatureStoreError,
     StoreEntryError,
+    StoreInfo,
     StoreLayout,
     StoreMismatchError,
     TeacherFeatureStore,
@@ -315,6 +317,47 @@ def test_reopening_with_other_settings_names_the_differing_field(tmp_path, chang
     assert rebuilt.pending_shards() == list(range(rebuilt.num_shards))
 
 
+def _with(layout: StoreLayout, **changes) -> StoreLayout:
+    from dataclasses import replace
+
+    return replace(layout, **changes)
+
+
+@pytest.mark.parametrize(
+    "stored, requested, field",
+    [
+        # A store built with DISTILL.CACHE.RPN True, resumed under RPN False, and the other way round.
+        (_with(make_layout("fp16", "mirror"), rpn_anchors=1), make_layout("fp16", "mirror"), "rpn_anchors"),
+        (make_layout("fp16", "mirror"), _with(make_layout("fp16", "mirror"), rpn_anchors=1), "rpn_anchors"),
+        # Plane-predicted codes resumed by a writer that would store plain codes, and the other way round.
+        (make_layout("int8", "mirror"), _with(make_layout("int8", "mirror"), predictor="none"), "predictor"),
+        (_with(make_layout("int8", "mirror"), predictor="none"), make_layout("int8", "mirror"), "predictor"),
+    ],
+)
+def test_resume_refuses_an_optional_layout_attribute_present_on_one_side_only(tmp_path, stored, requested, field):
+    args = {"image_ids": IDS, "dataset": "toy_train", "fingerprint": FINGERPRINT}
+    TeacherFeatureWriter.open(str(tmp_path / "s"), stored, **args)
+    with pytest.raises(StoreMismatchError) as info:
+        TeacherFeatureWriter.open(str(tmp_path / "s"), requested, **args)
+    assert [line.split(":")[0] for line in info.value.differences] == [field]
+
+
+def test_resume_refuses_a_store_attribute_this_code_does_not_know_naming_it(tmp_path):
+    """A layout attribute of a later writer (one to come) is a difference too, not something to ignore."""
+    layout, args = make_layout("fp16", "mirror"), {"image_ids": IDS, "dataset": "toy_train", "fingerprint": FINGERPRINT}
+    TeacherFeatureWriter.open(str(tmp_path / "s"), layout, **args)
+    zarr.open_group(str(tmp_path / "s"), mode="r+").attrs["future_maps"] = ["boxes"]
+    with pytest.raises(StoreMismatchError, match=r'future_maps: store has \["boxes"\], expected <missing>'):
+        TeacherFeatureWriter.open(str(tmp_path / "s"), layout, **args)
+
+
+def test_resume_refuses_a_fingerprint_field_present_on_one_side_only(tmp_path):
+    layout, args = make_layout("fp16", "mirror"), {"image_ids": IDS, "dataset": "toy_train"}
+    TeacherFeatureWriter.open(str(tmp_path / "s"), layout, **args, fingerprint={**FINGERPRINT, "rpn": {"anchors": 3}})
+    with pytest.raises(StoreMismatchError, match=r"fingerprint\.rpn: store has .*expected <missing>"):
+        TeacherFeatureWriter.open(str(tmp_path / "s"), layout, **args, fingerprint=FINGERPRINT)
+
+
 def test_reader_check_fingerprint_lists_differences(tmp_path):
     build_store(tmp_path / "s", make_layout("fp16", "mirror"))
     store = TeacherFeatureStore(str(tmp_path / "s"))
@@ -421,6 +464,48 @@ def test_missing_shard_object_is_reported_by_verify(tmp_path):
     assert all("missing" in reason for _, reason in report.bad)
 
 
+@pytest.mark.parametrize("codec", ["fp16", "int8"])
+def test_a_committed_entry_whose_shard_object_is_missing_is_refused_naming_image_map_and_store(tmp_path, codec):
+    build_store(tmp_path / "s", make_layout(codec, "mirror"))
+    os.remove(shard_file(tmp_path / "s", "p4", 3))  # shard 3 holds images 715 and 817
+    store = TeacherFeatureStore(str(tmp_path / "s"))
+    for image_id in shard_ids(3):
+        with pytest.raises(StoreEntryError, match=rf"image {image_id} in feature store {tmp_path / 's'}: "
+                                                  r"p4 \(view orig\): shard object features/p4/c/3/0/0/0/0 is missing"):
+            store.read(image_id)
+        assert set(store.read(image_id, keys=["p2", "p3"])) == {"p2", "p3"}  # the maps still there are served
+    store.read(IDS[0])  # other shards are untouched
+    reasons = dict(verify_store(str(tmp_path / "s"), progress=False).bad)
+    assert all("shard object features/p4/c/3/0/0/0/0 is missing" in reasons[i] for i in shard_ids(3))
+
+
+@pytest.mark.parametrize("name", ["scale", "offset"])
+def test_a_committed_entry_whose_scale_or_offset_object_is_missing_is_refused(tmp_path, name):
+    build_store(tmp_path / "s", make_layout("int8", "mirror"))
+    os.remove(os.path.join(str(tmp_path / "s"), name, "p3", "c", "1", "0", "0"))
+    with pytest.raises(StoreEntryError, match=rf"image 307 .*p3 \(view orig\): {name} object {name}/p3/c/1/0/0 is missing"):
+        TeacherFeatureStore(str(tmp_path / "s")).read(307)
+    assert {i for i, _ in verify_store(str(tmp_path / "s"), progress=False).bad} == shard_ids(1)
+
+
+@pytest.mark.parametrize("codec, value", [("fp16", 0.0), ("int8", 2.5), ("int8", 0.0)])
+def test_a_shard_whose_stored_values_are_all_zero_is_written_so_it_is_told_apart_from_a_lost_one(tmp_path, codec, value):
+    """Zarr stores no object for a shard of fill values; the writer stores one, so absent always means lost."""
+    layout = make_layout(codec, "mirror")
+    writer = TeacherFeatureWriter.open(str(tmp_path / "s"), layout, IDS[:2], "toy_train", FINGERPRINT)
+    entries = [entry_for(i, layout) for i in IDS[:2]]  # int8 codes of a constant channel are 0, fp16 of 0.0 too
+    for entry in entries:
+        entry.features = {"orig": {lv: np.full_like(x, value) for lv, x in entry.features["orig"].items()}}
+    writer.write_shard(0, entries)
+    assert os.path.exists(shard_file(tmp_path / "s", "p2", 0))
+    assert verify_store(str(tmp_path / "s"), progress=False).intact
+    store = TeacherFeatureStore(str(tmp_path / "s"))
+    assert all(torch.all(x == value) for x in store.read(IDS[0]).values())
+    os.remove(shard_file(tmp_path / "s", "p2", 0))
+    with pytest.raises(StoreEntryError, match=r"p2 \(view orig\): shard object features/p2/c/0/0/0/0/0 is missing"):
+        store.read(IDS[0])
+
+
 def test_unreadable_image_is_committed_with_status_2_and_its_reason(tmp_path):
     layout = make_layout("int8", "stored")
     writer = TeacherFeatureWriter.open(str(tmp_path / "s"), layout, IDS, "toy_train", FINGERPRINT)
@@ -440,7 +525,7 @@ def test_unreadable_image_is_committed_with_status_2_and_its_reason(tmp_path):
     report = verify_store(str(tmp_path / "s"), progress=False)
     assert report.intact and report.failed == 1 and report.ok == len(IDS) - 1
     info = store.info()
-    assert info["images_done"] == len(IDS) - 1 and info["images_failed"] == 1
+    assert info.images_done == len(IDS) - 1 and info.images_failed == 1
 
 
 # ---------------------------------------------------------------- DataLoader workers
@@ -519,17 +604,20 @@ def test_background_writer_error_makes_the_next_submit_raise():
 # ---------------------------------------------------------------- info
 
 
-def test_info_reports_counts_and_sizes(tmp_path):
+def test_info_is_a_store_info_with_counts_sizes_and_the_layout(tmp_path):
     build_store(tmp_path / "s", make_layout("int8", "mirror"))
     info = TeacherFeatureStore(str(tmp_path / "s")).info()
-    assert info["images_total"] == info["images_done"] == len(IDS) and info["images_failed"] == 0
+    assert isinstance(info, StoreInfo)
+    assert info.images_total == info.images_done == len(IDS) and info.images_failed == info.images_pending == 0
     raw = sum(
         CHANNELS * -(-resized_hw_of(i)[0] // s) * -(-resized_hw_of(i)[1] // s) * 4 for i in IDS for s in STRIDES
     )
-    assert info["raw_fp32_bytes"] == raw
-    assert info["bytes_on_disk"] > 0 and info["ratio_vs_fp32"] == pytest.approx(raw / info["bytes_on_disk"])
-    assert info["codec"] == "int8" and info["levels"] == list(LEVELS) and info["flip"] == "mirror"
-    assert info["fingerprint_sha256"] == fingerprint_sha256(FINGERPRINT) and info["dataset"] == "toy_train"
+    assert info.raw_fp32_bytes == raw
+    assert info.bytes_on_disk > 0 and info.ratio_vs_fp32 == pytest.approx(raw / info.bytes_on_disk)
+    assert info.bytes_per_image == pytest.approx(info.bytes_on_disk / len(IDS))
+    assert info.codec == "int8" and info.predictor == "plane" and info.levels == list(LEVELS) and info.flip == "mirror"
+    assert info.fingerprint_sha256 == fingerprint_sha256(FINGERPRINT) and info.dataset == "toy_train"
+    assert info.finalized and info.created and info.rpn_anchors == 0
 
 
 # ---------------------------------------------------------------- command line
@@ -544,10 +632,12 @@ def test_cli_info_json_prints_the_summary_fields(tmp_path):
     result = run_cli("info", str(tmp_path / "s"), "--json")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
-    for key in ("images_total", "images_done", "images_failed", "bytes_on_disk", "bytes_per_image",
-                "raw_fp32_bytes", "ratio_vs_fp32", "codec", "levels", "flip", "fingerprint_sha256", "dataset", "path"):
-        assert key in info, key
-    assert info["images_done"] == len(IDS)
+    assert list(info) == [
+        "path", "dataset", "codec", "predictor", "format_version", "levels", "rpn_anchors", "flip", "images_total",
+        "images_done", "images_failed", "images_pending", "bytes_on_disk", "bytes_per_image", "raw_fp32_bytes",
+        "ratio_vs_fp32", "fingerprint_sha256", "created", "finalized",
+    ]
+    assert info["images_done"] == len(IDS) and info["bytes_on_disk"] > 0
     table = run_cli("info", str(tmp_path / "s"))
     assert table.returncode == 0 and "fp16" in table.stdout and "per done image" in table.stdout
 
@@ -568,6 +658,67 @@ def test_cli_verify_exits_0_when_intact_1_when_damaged_2_when_not_a_store(tmp_pa
     not_store = run_cli("verify", str(tmp_path / "empty"))
     assert not_store.returncode == 2
     assert "not a teacher feature store" in not_store.stderr
+
+
+def _damage_image_index(root: str) -> str:
+    with open(os.path.join(root, "image_id", "c", "1"), "r+b") as f:
+        f.write(b"\xff\xff\xff")
+    return r"image_id array is damaged"
+
+
+def _drop_array_metadata(root: str) -> str:
+    os.remove(os.path.join(root, "features", "p3", "zarr.json"))
+    return r"features/p3"
+
+
+def _drop_layout_attribute(root: str) -> str:
+    meta_path = os.path.join(root, "zarr.json")
+    meta = json.loads(_read_bytes(root, "zarr.json"))
+    del meta["attributes"]["levels"]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    return r"layout attributes.*levels"
+
+
+@pytest.mark.parametrize("damage", [_damage_image_index, _drop_array_metadata, _drop_layout_attribute])
+@pytest.mark.parametrize("command", ["info", "verify"])
+def test_cli_exits_1_naming_damaged_store_metadata_without_a_traceback(tmp_path, capsys, damage, command):
+    from cache.__main__ import main
+
+    build_store(tmp_path / "s", make_layout("int8", "mirror"))
+    named = damage(str(tmp_path / "s"))
+    assert main([command, str(tmp_path / "s"), *(["--quiet"] if command == "verify" else [])]) == 1
+    err = capsys.readouterr().err
+    assert re.search(named, err) and str(tmp_path / "s") in err, err
+    assert err.count("\n") == 1 and err.startswith("error: ")  # one line
+
+
+@pytest.mark.parametrize("options", ['{"anon": tru', '["anon"]'])
+@pytest.mark.parametrize("command", ["info", "verify"])
+def test_cli_exits_2_naming_malformed_storage_options(tmp_path, capsys, command, options):
+    from cache.__main__ import main
+
+    assert main([command, "s3://bucket/store.zarr", "--storage-options", options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --storage-options") and "JSON object" in err and err.count("\n") == 1, err
+
+
+def test_cli_exits_2_naming_malformed_storage_options_from_the_environment(capsys, monkeypatch):
+    from cache.__main__ import main
+
+    monkeypatch.setenv("CACHE_STORAGE_OPTIONS", "{not json")
+    assert main(["info", "s3://bucket/store.zarr"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: $CACHE_STORAGE_OPTIONS") and "JSON object" in err, err
+
+
+def test_cli_exits_2_naming_storage_options_given_for_a_local_store(tmp_path, capsys):
+    from cache.__main__ import main
+
+    build_store(tmp_path / "s", make_layout("fp16", "mirror"))
+    assert main(["info", str(tmp_path / "s"), "--storage-options", '{"anon": true}']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --storage-options") and "local path" in err, err
 
 
 # ---------------------------------------------------------------- the document

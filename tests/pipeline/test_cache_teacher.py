@@ -64,10 +64,10 @@ def test_an_interrupted_run_resumes_to_the_same_store(tmp_path, tiny_teacher, ti
     with pytest.raises(KeyboardInterrupt):
         cache_teacher(cfg)
     partial = TeacherFeatureStore(cfg.DISTILL.CACHE.PATH).info()
-    assert 0 < partial["images_done"] < partial["images_total"]
+    assert 0 < partial.images_done < partial.images_total
     monkeypatch.setattr(ResizedImages, "__getitem__", original)
     summary = cache_teacher(cfg)
-    assert summary["images_written"] == partial["images_total"] - partial["images_done"]
+    assert summary["images_written"] == partial.images_total - partial.images_done
     resumed, full = TeacherFeatureStore(cfg.DISTILL.CACHE.PATH), TeacherFeatureStore(tiny_store["path"])
     for image_id in full.image_ids:
         for flip in (False, True):

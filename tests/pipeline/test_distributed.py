@@ -66,7 +66,7 @@ def test_two_processes_resume_a_store_interrupted_by_one(tmp_path, tiny_teacher,
     with pytest.raises(KeyboardInterrupt):
         cache_teacher(cfg)
     partial = TeacherFeatureStore(cfg.DISTILL.CACHE.PATH).info()
-    assert partial["images_done"] == 8  # shards 0 and 1 committed, shard 2 was in flight
+    assert partial.images_done == 8  # shards 0 and 1 committed, shard 2 was in flight
     torchrun(2, "pipeline.cache_teacher", cfg, threads=torch.get_num_threads())
     summary = json.loads(Path(f"{cfg.DISTILL.CACHE.PATH}.summary.json").read_text())
     assert summary["images_written"] == 8  # only shards 2 (rank 0) and 3 (rank 1) were redone

@@ -275,7 +275,7 @@ def test_an_interrupted_student_run_resumes_from_its_last_checkpoint_reading_the
     assert torch.load(out / "model_final.pth", weights_only=True)["iteration"] == 4
     logged = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert any(row.get("iteration") == 4 and "loss_kd" in row for row in logged)
-    assert metrics["store"]["fingerprint_sha256"] == TeacherFeatureStore(tiny_store["path"]).info()["fingerprint_sha256"]
+    assert metrics["store"]["fingerprint_sha256"] == TeacherFeatureStore(tiny_store["path"]).info().fingerprint_sha256
 
 
 # ---------------------------------------------------------------- untrusted files
