@@ -49,6 +49,8 @@ from cache.storage import is_url, read_url_text, storage_options_for, url_bytes,
 if TYPE_CHECKING:
     import torch
 
+    from cache.stored_map import StoredMap
+
 
 def read_group_attrs(path: str, storage_options: dict | None = None) -> dict | None:
     """Attributes of the zarr group at `path` (a directory or a URL), read from its zarr.json; None when there is none.
@@ -215,6 +217,36 @@ class TeacherFeatureStore:
                     deltas[0::4] *= -1  # a mirrored box moves the other way: dx changes sign
         return tensors
 
+    def read_codes(self, image_id: int, flip: bool = False, keys: Sequence[str] | None = None) -> dict[str, StoredMap]:
+        """What `read` returns, still in the stored representation: key -> StoredMap (cache/stored_map.py).
+
+        A DataLoader worker sends these (1 byte per value for the int8 codecs, 2 for fp16) instead of float32,
+        and `StoredMap.decode(device)` finishes the decode where the student runs, bitwise equal to `read`.
+        Damage and lost objects raise StoreEntryError exactly as `read` does.
+        """
+        import torch
+
+        from cache.stored_map import StoredMap
+
+        row = self.row(image_id)
+        view = self._view_index(flip)
+        keys = self._checked_keys(keys)
+        out = self._read_rows([(row, view)], keys, decode=False)[0]
+        if isinstance(out, BaseException):
+            raise out
+        mirror = flip and self.layout.flip == "mirror"
+        maps = {}
+        for key in keys:
+            stored = out[features_array(key)]
+            scale = offset = None
+            if self.codec.quantised:
+                scale = torch.from_numpy(np.ascontiguousarray(out[scale_array(key)], dtype=np.float32))
+                offset = torch.from_numpy(np.ascontiguousarray(out[offset_array(key)], dtype=np.float32))
+            dx_rows = slice(0, None, 4) if mirror and key.startswith(RPN_DELTAS + "/") else None
+            maps[key] = StoredMap(torch.from_numpy(np.ascontiguousarray(stored)), scale, offset, self.codec.predictor,
+                                  mirror, dx_rows)
+        return maps
+
     def _checked_keys(self, keys: Sequence[str] | None) -> tuple[str, ...]:
         if keys is None:
             return self.layout.stored_keys
@@ -257,11 +289,12 @@ class TeacherFeatureStore:
         except Exception as exc:  # noqa: BLE001 - a damaged reason must not hide the status
             return f"reason unavailable ({type(exc).__name__}: {exc})"
 
-    def _read_rows(self, requests: list[tuple[int, int]],
-                   keys: tuple[str, ...] | None = None) -> list[dict[str, np.ndarray] | StoreEntryError]:
+    def _read_rows(self, requests: list[tuple[int, int]], keys: tuple[str, ...] | None = None,
+                   decode: bool = True) -> list[dict[str, np.ndarray] | StoreEntryError]:
         """Decoded features (of `keys`, default all) for each (row, view), or the StoreEntryError explaining why not.
 
-        All arrays of all requests are fetched in one batch of concurrent zarr reads.
+        All arrays of all requests are fetched in one batch of concurrent zarr reads. decode=False returns the
+        checked stored arrays by array name instead (features/<key>, and scale/<key>, offset/<key> if quantised).
         """
         out: list[Any] = [None] * len(requests)
         fetch = []
@@ -276,7 +309,7 @@ class TeacherFeatureStore:
             self._ensure_open()
             fetched = sync(_gather([self._fetch(*requests[i], keys) for i in fetch]))
             for i, arrays in zip(fetch, fetched):
-                out[i] = self._decode(*requests[i], arrays, keys)
+                out[i] = self._decode(*requests[i], arrays, keys, decode)
         return out
 
     async def _fetch(self, row: int, view: int, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -295,8 +328,8 @@ class TeacherFeatureStore:
         )
         return dict(zip(selections, results))
 
-    def _decode(self, row: int, view: int, arrays: dict[str, Any],
-                keys: tuple[str, ...]) -> dict[str, np.ndarray] | StoreEntryError:
+    def _decode(self, row: int, view: int, arrays: dict[str, Any], keys: tuple[str, ...],
+                decode: bool = True) -> dict[str, np.ndarray] | StoreEntryError:
         image_id = int(self.image_ids[row])
         for name, value in arrays.items():
             if isinstance(value, BaseException):
@@ -310,6 +343,8 @@ class TeacherFeatureStore:
             return StoreEntryError.for_entry(
                 image_id, self.path, f"{lost}; run `python -m cache verify {self.path}` and rewrite the store"
             )
+        if not decode:
+            return {name: np.asarray(value) for name, value in arrays.items()}
         decoded = {}
         for level in keys:
             stored = np.asarray(arrays[features_array(level)])

@@ -70,8 +70,9 @@ class DistillDatasetMapper(DatasetMapper):
         hflip = sum(isinstance(t, T.HFlipTransform) for t in transforms) % 2 == 1
         image_id = dataset_dict["image_id"]
         try:
-            # raises StoreEntryError for unwritten or damaged entries
-            features = self.store.read(image_id, flip=hflip, keys=self.teacher_keys)
+            # Stored codes, not floats, cross to the main process (cache/stored_map.py); the teacher source
+            # decodes them on the student's device. Raises StoreEntryError for unwritten or damaged entries.
+            features = self.store.read_codes(image_id, flip=hflip, keys=self.teacher_keys)
         except StoreEntryError as exc:
             if self.on_bad_entry == "fail":
                 raise

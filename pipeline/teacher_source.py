@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.teacher import TeacherFeatureExtractor, convert_format
+from cache.stored_map import decode_maps
 
 
 class CachedTeacher:
@@ -12,8 +13,9 @@ class CachedTeacher:
     def __call__(self, batched_inputs: list[dict], device: torch.device) -> list[dict[str, torch.Tensor] | None]:
         """One dict per input; None for an image the mapper skipped (DISTILL.CACHE.ON_BAD_ENTRY "skip")."""
         try:
-            return [None if x["teacher_features"] is None else
-                    {k: v.to(device, non_blocking=True) for k, v in x["teacher_features"].items()} for x in batched_inputs]
+            # The mapper sends stored codes (StoredMap); they are decoded here, on the student's device.
+            return [None if x["teacher_features"] is None else decode_maps(x["teacher_features"], device)
+                    for x in batched_inputs]
         except KeyError:
             raise KeyError("an input has no 'teacher_features': DISTILL.SOURCE 'cache' needs the training loader "
                            "built with DistillDatasetMapper (pipeline.stage_two.StudentTrainer does this)") from None

@@ -19,6 +19,7 @@ import torch
 import zarr
 
 from cache import StoreEntryError, StoreLayout, StoreMismatchError, TeacherFeatureStore, verify_store
+from cache.stored_map import decode_maps
 from cache.lock import StoreLockedError, lock_path, writer_lock
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
@@ -82,7 +83,7 @@ def test_skip_policy_gives_loss_kd_of_the_other_images_and_counts_the_skipped_on
     # The loss the good image alone gets from the same student features (batch-padded as in the step).
     with torch.no_grad():
         features = model.backbone(model.preprocess_image(batch).tensor)
-        expected = model.distiller({k: v[[1]] for k, v in features.items()}, [batch[1]["teacher_features"]],
+        expected = model.distiller({k: v[[1]] for k, v in features.items()}, [decode_maps(batch[1]["teacher_features"])],
                                    [tuple(batch[1]["image"].shape[-2:])])
     assert skipped == 1
     assert loss_kd.item() > 0 and torch.allclose(loss_kd.detach(), expected, rtol=1e-5)
