@@ -13,7 +13,7 @@ ITERS ?=
 STORE ?=
 CODEC ?=
 OPTS ?=
-METHODS ?= hint attention similarity nst rkd pkt kdsvd fsp correlation vid crd abound factor kd
+METHODS ?= hint attention similarity nst rkd pkt kdsvd fsp correlation vid crd abound factor kd fgd defeat
 NPROC ?= 1
 
 # NPROC=N runs stage one or two as N processes on this machine through torchrun (docs/scale-out.md)

@@ -23,6 +23,8 @@ from . import crd as _  # registration
 from . import abound as _  # registration
 from . import factor as _  # registration
 from . import kd as _  # registration
+from . import fgd as _  # registration
+from . import defeat as _  # registration
 
 METHODS: tuple[str, ...] = tuple(name for name, _cls in DISTILL_LOSS_REGISTRY)
 
