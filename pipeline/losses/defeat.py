@@ -82,11 +82,12 @@ class DeFeatLoss(DistillLoss):
                     objects: Tensor) -> dict[str, Tensor]:
         """The unweighted object and background terms of one level; objects (B, 1, H, W) bool within mask."""
         adapted = self.adapters[level](zero_padding(student, mask))
-        squared_error = (zero_padding(adapted, mask) - zero_padding(teacher, mask)).pow(2)
-        channels = squared_error.shape[1]
+        # Summed over channels first: each region then only weighs one (B, H, W) map.
+        error = (zero_padding(adapted, mask) - zero_padding(teacher, mask)).pow(2).sum(dim=1)
+        channels = adapted.shape[1]
         background = mask & ~objects
         terms = {}
         for name, region in (("foreground", objects), ("background", background)):
-            total = zero_padding(squared_error, region).sum()
+            total = torch.where(region[:, 0], error, torch.zeros((), dtype=error.dtype, device=error.device)).sum()
             terms[name] = total / (2 * channels * region.sum()).clamp_min(1)
         return terms

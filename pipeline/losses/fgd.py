@@ -51,16 +51,20 @@ def object_scale_masks(boxes: Sequence[Tensor], stride: int, mask: Tensor) -> tu
 
 
 class GlobalContextBlock(nn.Module):
-    """GcBlock (Cao et al. 2019) as FGD uses it: f + transform(sum_j softmax_j(W_k f) f_j), over valid positions."""
+    """GcBlock (Cao et al. 2019) as FGD uses it: f + transform(sum_j softmax_j(W_k f_j) f_j), over valid positions.
+
+    FGD's 1x1 convs act on one position (W_k) or on the 1x1 context (the transform), so they are
+    linear maps here: CPU convolution kernels cost several times more on these shapes.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.context_logits = nn.Conv2d(channels, 1, kernel_size=1)
+        self.context_logits = nn.Linear(channels, 1)  # W_k
         self.transform = nn.Sequential(
-            nn.Conv2d(channels, channels // 2, kernel_size=1),
-            nn.LayerNorm([channels // 2, 1, 1]),
+            nn.Linear(channels, channels // 2),
+            nn.LayerNorm(channels // 2),
             nn.ReLU(),
-            nn.Conv2d(channels // 2, channels, kernel_size=1),
+            nn.Linear(channels // 2, channels),
         )
         # As FGD's code: Kaiming (fan-in) context logits, and a zero last layer, so the block starts as identity.
         nn.init.kaiming_normal_(self.context_logits.weight, mode="fan_in", nonlinearity="relu")
@@ -68,11 +72,16 @@ class GlobalContextBlock(nn.Module):
         nn.init.zeros_(self.transform[-1].weight)
         nn.init.zeros_(self.transform[-1].bias)
 
+    def context_term(self, features: Tensor, mask: Tensor) -> Tensor:
+        """(B, C): what the block adds at every position, from features (B, C, H, W) with padding zeroed."""
+        logits = torch.einsum("bchw,c->bhw", features, self.context_logits.weight[0]) + self.context_logits.bias
+        weights = masked_softmax(logits[:, None], mask)  # (B, 1, H, W)
+        context = torch.einsum("bchw,bhw->bc", features, weights[:, 0])  # softmax-weighted sum, no (B, C, H, W) product
+        return self.transform(context)
+
     def forward(self, features: Tensor, mask: Tensor) -> Tensor:
-        """features (B, C, H, W) with padding zeroed; the result is only meaningful on valid positions."""
-        weights = masked_softmax(self.context_logits(features), mask)  # (B, 1, H, W)
-        context = (features * weights).sum(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
-        return features + self.transform(context)
+        """The block's output f + context term; only meaningful on valid positions."""
+        return features + self.context_term(features, mask)[:, :, None, None]
 
 
 @register_loss("fgd")
@@ -129,12 +138,20 @@ class FGDLoss(DistillLoss):
         spatial_t, channel_t = fgd_attention(teacher, mask, self.temperature)
         spatial_s, channel_s = fgd_attention(student, mask, self.temperature)
         foreground, background = object_scale_masks(boxes, stride, mask)
-        weighted_error = spatial_t * channel_t[:, :, None, None] * (student - teacher).pow(2)
+        difference = student - teacher  # 0 on padding
+        squared = difference.pow(2)
+        # Channel attention applied by a contraction over C, so the weighted (B, C, H, W) map is never built.
+        weighted_error = spatial_t[:, 0] * torch.einsum("bc,bchw->bhw", channel_t, squared)
         attention_gap = (channel_s - channel_t).abs().sum() + (spatial_s - spatial_t).abs().sum()
-        relation = self.student_context[level](student, mask) - self.teacher_context[level](teacher, mask)
+        # GcBlock(s) - GcBlock(t) = difference + delta (one C-vector per image), so over the valid positions
+        # sum (difference + delta)^2 = sum difference^2 + 2 delta . sum_p difference + N delta^2.
+        delta = self.student_context[level].context_term(student, mask) \
+            - self.teacher_context[level].context_term(teacher, mask)  # (B, C)
+        relation = (squared.sum() + 2 * (delta * difference.sum(dim=(2, 3))).sum()
+                    + (valid_counts(mask) * delta.pow(2).sum(dim=1)).sum())
         return {
-            "foreground": (foreground * weighted_error).sum() / batch,
-            "background": (background * weighted_error).sum() / batch,
+            "foreground": (foreground[:, 0] * weighted_error).sum() / batch,
+            "background": (background[:, 0] * weighted_error).sum() / batch,
             "attention": attention_gap / batch,
-            "global": zero_padding(relation, mask).pow(2).sum() / batch,
+            "global": relation / batch,
         }
