@@ -21,9 +21,9 @@ def adaptation_layer(student_channels: int, teacher_channels: int) -> nn.Conv2d:
     return conv
 
 
-def level_object_masks(boxes: Sequence[Tensor], levels: Sequence[int], level: int, stride: int,
+def level_object_masks(boxes: Sequence[Tensor], levels: Sequence[Tensor], level: int, stride: int,
                        mask: Tensor) -> Tensor:
-    """(B, 1, H, W) bool: valid cells covered by the image's boxes assigned to this level (levels[i] per box)."""
+    """(B, 1, H, W) bool: valid cells of the boxes assigned to this level (levels: per image, (n_i,) box levels)."""
     objects = torch.zeros_like(mask)
     for i, (image_boxes, image_levels) in enumerate(zip(boxes, levels)):
         mine = image_boxes[image_levels == level]

@@ -465,7 +465,8 @@ def test_a_flipped_images_boxes_reach_the_loss_in_the_frame_of_its_flipped_teach
 
     # The mapper's boxes are the annotations resized and, for the flipped sample, mirrored.
     for view, is_flipped in ((flipped, True), (unflipped, False)):
-        torch.testing.assert_close(view["instances"].gt_boxes.tensor, _annotation_boxes(views["record"], hw, is_flipped))
+        expected = _annotation_boxes(views["record"], hw, is_flipped)
+        torch.testing.assert_close(view["instances"].gt_boxes.tensor, expected)
     # The flipped sample's teacher maps are the store's hflip view, which is the teacher run on that flipped image.
     stored = store.read(image_id, flip=True)
     live = LiveTeacher(TeacherFeatureExtractor.from_config(cfg), cfg.INPUT.FORMAT)([flipped], torch.device("cpu"))[0]
