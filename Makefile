@@ -13,7 +13,7 @@ ITERS ?=
 STORE ?=
 CODEC ?=
 OPTS ?=
-METHODS ?= hint attention similarity nst rkd pkt kdsvd fsp correlation vid crd abound factor kd cwd pkd mgd
+METHODS ?= hint attention similarity nst rkd pkt kdsvd fsp correlation vid crd abound factor kd cwd pkd mgd fgd defeat
 NPROC ?= 1
 
 # NPROC=N runs stage one or two as N processes on this machine through torchrun (docs/scale-out.md)

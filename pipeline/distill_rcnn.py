@@ -8,7 +8,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.utils.events import get_event_storage
 
-from pipeline.distiller import Distiller
+from pipeline.distiller import Distiller, instance_boxes
 from pipeline.losses import build_distill_loss, loss_class, loss_weight
 from pipeline.plan import TeacherPlan, as_plan
 from pipeline.teacher import TeacherFeatureExtractor
@@ -113,14 +113,16 @@ class DistillRCNN(GeneralizedRCNN):
         teacher = self.teacher_source(batched_inputs, self.device)
         sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
         ids = [x.get("image_id") for x in batched_inputs]
+        boxes = instance_boxes(batched_inputs)  # the augmented instances, in the frame of each input image
         keep = [i for i, t in enumerate(teacher) if t is not None]
         if len(keep) < len(teacher):
-            losses["loss_kd"] = self._loss_kd_without_skipped(captured, teacher, sizes, ids, keep, batched_inputs)
+            losses["loss_kd"] = self._loss_kd_without_skipped(captured, teacher, sizes, ids, boxes, keep,
+                                                              batched_inputs)
         else:
-            losses["loss_kd"] = self.distiller(captured, teacher, sizes, ids)
+            losses["loss_kd"] = self.distiller(captured, teacher, sizes, ids, boxes)
         return losses
 
-    def _loss_kd_without_skipped(self, captured, teacher, sizes, ids, keep, batched_inputs):
+    def _loss_kd_without_skipped(self, captured, teacher, sizes, ids, boxes, keep, batched_inputs):
         """loss_kd of the images that have teacher features (ON_BAD_ENTRY "skip"); the others are counted.
 
         A batch with none gives a zero that still reaches every student and distiller parameter, so
@@ -135,7 +137,8 @@ class DistillRCNN(GeneralizedRCNN):
             zero = sum(captured[level].sum() for level in self.distiller.levels)
             return (zero + sum(p.sum() for p in self.distiller.parameters())) * 0.0
         kept = {name: f[keep] for name, f in captured.items()}
-        return self.distiller(kept, [teacher[i] for i in keep], [sizes[i] for i in keep], [ids[i] for i in keep])
+        return self.distiller(kept, [teacher[i] for i in keep], [sizes[i] for i in keep], [ids[i] for i in keep],
+                              [boxes[i] for i in keep])
 
     def distill_init_loss(self, batched_inputs):
         """The distiller's init-stage loss on a batch: the student backbone runs only if the stage trains it.

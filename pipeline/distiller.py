@@ -36,6 +36,17 @@ def pad_teacher_level(features: list[torch.Tensor], image_sizes, stride: int, sh
     return out, mask
 
 
+def instance_boxes(batched_inputs: list[dict]) -> list[torch.Tensor | None]:
+    """Each input's ground-truth boxes (n, 4) x1, y1, x2, y2, in input pixels of the image as the student sees it.
+
+    These are the mapper's `instances.gt_boxes`: detectron2's DatasetMapper applies the image's own
+    transforms (the resize, and the flip when the sample is flipped) to its annotations, so the boxes
+    are in the frame of the flipped image and of the teacher's flipped view. None where an input has
+    no instances (the Distiller refuses that only for a method that needs boxes).
+    """
+    return [x["instances"].gt_boxes.tensor if "instances" in x else None for x in batched_inputs]
+
+
 class Distiller(nn.Module):
     """loss_kd = B * mean over levels of loss(connector(student), teacher, mask).
 
@@ -99,10 +110,22 @@ class Distiller(nn.Module):
             raise KeyError(f"image {e.args[0]} is not in the image index of {len(self.image_rows)} training images "
                            f"that method {self.loss.method!r} was built with") from None
 
+    def boxes(self, boxes, device) -> list[torch.Tensor]:
+        """The batch's per-image ground-truth boxes on `device`, float32; ValueError naming the image without any."""
+        missing = [i for i, b in enumerate(boxes or []) if b is None]
+        if boxes is None or missing:
+            raise ValueError(f"method {self.loss.method!r} splits features by ground-truth boxes, but input(s) "
+                             f"{missing or 'all'} of the batch came without instances; train from a mapper that "
+                             "keeps annotations (detectron2's DatasetMapper with is_train=True does)")
+        return [b.to(device, torch.float32) for b in boxes]
+
     def forward(self, student_features: dict[str, torch.Tensor], teacher_features: list[dict[str, torch.Tensor]],
-                image_sizes, image_ids=None) -> torch.Tensor:
+                image_sizes, image_ids=None, boxes: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """boxes: per image (n, 4) in input pixels (instance_boxes of the batch), used by methods with needs_boxes."""
         students, teachers, masks = self.inputs(student_features, teacher_features, image_sizes)
         extra = {"rows": self.rows(image_ids, students[0].device)} if self.loss.needs_image_index else {}
+        if self.loss.needs_boxes:
+            extra.update(boxes=self.boxes(boxes, students[0].device), strides=self.strides)
         return self.weight * self.loss(students, teachers, masks, **extra)
 
     def init_loss(self, student_features: dict[str, torch.Tensor] | None,

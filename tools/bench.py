@@ -43,6 +43,7 @@ from pipeline.stage_one import ResizedImages, cache_teacher, training_images
 from pipeline.config import get_distill_cfg
 from pipeline.datasets import register_coco_format
 from pipeline.losses import METHODS, build_distill_loss, loss_class
+from pipeline.distiller import instance_boxes
 from pipeline.mapper import DistillDatasetMapper
 from pipeline.teacher import (TeacherFeatureExtractor, hflip_image, load_teacher_cfg, resize_augmentation,
                               store_resize)
@@ -535,8 +536,9 @@ def _student_features(model, batch) -> dict:
     return captured
 
 
-def _kd_losses(model, captured, sizes, teacher_lists: dict) -> dict:
-    """loss_kd per method for each named list of per-image teacher features (same student features).
+def _kd_losses(model, captured, sizes, teacher_lists: dict, boxes=None) -> dict:
+    """loss_kd per method for each named list of per-image teacher features (same student features; boxes:
+    the batch's instance_boxes, for the methods that split by ground-truth boxes).
 
     kd (RPN outputs, not in these stores) and crd (per-image memory bank) are left out.
     """
@@ -553,7 +555,8 @@ def _kd_losses(model, captured, sizes, teacher_lists: dict) -> dict:
         torch.manual_seed(0)  # trainable parts start the same in every bench run
         model.distiller.loss = build_distill_loss(method, **sizes_of)
         with torch.no_grad():
-            out[method] = {name: float(model.distiller(captured, feats, sizes)) for name, feats in teacher_lists.items()}
+            out[method] = {name: float(model.distiller(captured, feats, sizes, boxes=boxes))
+                           for name, feats in teacher_lists.items()}
     return out
 
 
@@ -610,7 +613,7 @@ def loss_batches(size: str, ctx: dict, n_batches: int) -> dict:
             flips.append(any(isinstance(t, T.HFlipTransform) for t in mapper.augmentations.last.transforms))
             batch[-1]["teacher_features"] = ctx["fp32"][size][int(d["image_id"])]["hflip" if flips[-1] else "orig"]
         batches.append({"captured": _student_features(model, batch), "flips": flips,
-                        "sizes": [tuple(x["image"].shape[-2:]) for x in batch],
+                        "sizes": [tuple(x["image"].shape[-2:]) for x in batch], "boxes": instance_boxes(batch),
                         "image_ids": [int(x["image_id"]) for x in batch]})
     ctx["loss_batches"][size] = {"model": model, "batches": batches}
     return ctx["loss_batches"][size]
@@ -628,7 +631,7 @@ def loss_kd_deviation(size: str, ctx: dict, n_batches: int, decoders: dict) -> d
         lists = {"fp32": [feats[i][v] for i, v in zip(batch["image_ids"], views)]}
         for name, decode in decoders.items():
             lists[name] = [decode(i, v) for i, v in zip(batch["image_ids"], views)]
-        losses = _kd_losses(lb["model"], batch["captured"], batch["sizes"], lists)
+        losses = _kd_losses(lb["model"], batch["captured"], batch["sizes"], lists, batch["boxes"])
         for m, v in losses.items():
             fp32_values.setdefault(m, []).append(v["fp32"])
             for name in decoders:
@@ -863,7 +866,7 @@ def measure_parity(ctx: dict) -> dict:
     sizes = [tuple(x["image"].shape[-2:]) for x in fp16]
     live = LiveTeacher(TeacherFeatureExtractor.from_config(cfgs["fp16"]), cfgs["fp16"].INPUT.FORMAT)(fp16, torch.device("cpu"))
     lists = {"live": live, "fp16": CachedTeacher()(fp16, torch.device("cpu")), "int8": CachedTeacher()(int8, torch.device("cpu"))}
-    losses = _kd_losses(model, captured, sizes, lists)
+    losses = _kd_losses(model, captured, sizes, lists, instance_boxes(fp16))
     out = {"image_ids": [int(x["image_id"]) for x in fp16], "methods": {}}
     for m, v in losses.items():
         out["methods"][m] = {"live": v["live"], "fp16": v["fp16"], "int8": v["int8"],

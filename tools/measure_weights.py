@@ -18,6 +18,7 @@ import torch
 from pipeline import datasets
 from pipeline.config import get_distill_cfg
 from pipeline.distill_rcnn import build_distiller, student_outputs
+from pipeline.distiller import instance_boxes
 from pipeline.losses import METHODS
 from pipeline.teacher import TeacherFeatureExtractor
 from pipeline.teacher_source import LiveTeacher
@@ -53,7 +54,7 @@ def measure(cfg, methods, batches: int, target: float) -> dict:
             torch.manual_seed(1)
             distiller = build_distiller(method_cfg, model.backbone)
             with torch.no_grad():
-                kd[method] += distiller(captured, teacher, sizes, ids).item() / batches
+                kd[method] += distiller(captured, teacher, sizes, ids, instance_boxes(batch)).item() / batches
     return {"detector_losses": detector, "loss_kd_at_B1": kd, "suggested_B": {m: one_digit(target / v) for m, v in kd.items()},
             "batches": batches, "images_per_batch": cfg.SOLVER.IMS_PER_BATCH}
 

@@ -26,6 +26,8 @@ from . import kd as _  # registration
 from . import cwd as _  # registration
 from . import pkd as _  # registration
 from . import mgd as _  # registration
+from . import fgd as _  # registration
+from . import defeat as _  # registration
 
 METHODS: tuple[str, ...] = tuple(name for name, _cls in DISTILL_LOSS_REGISTRY)
 

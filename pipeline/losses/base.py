@@ -130,6 +130,8 @@ class DistillLoss(nn.Module):
     shape_args: tuple[str, ...] = ()  # constructor arguments the Distiller supplies, from: student_channels,
     #   teacher_channels, num_levels, num_images (rows of the store's image index)
     needs_image_index: bool = False  # forward also takes rows: (B,) long, each image's row in the store
+    needs_boxes: bool = False  # forward also takes boxes: per image (n_i, 4) ground-truth x1, y1, x2, y2 in input
+    #   pixels of the resized, flipped image (the mapper's instances.gt_boxes), and strides: each level's stride
     init_stage: str | None = None  # "student": before training, train the student backbone and this loss's
     #   init_parameters on init_loss; "teacher": train only init_parameters on init_loss of teacher maps
 
