@@ -22,11 +22,23 @@ RUN := $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone
 # KEY VALUE overrides shared by stage one and two
 STORE_OPTS := $(if $(STORE),DISTILL.CACHE.PATH $(STORE)) $(if $(CODEC),DISTILL.CACHE.CODEC $(CODEC))
 
-.PHONY: setup data teacher cache-teacher train-student baseline sweep demo test bench clean kill-test
+.PHONY: setup lock data teacher cache-teacher train-student baseline sweep demo test bench clean kill-test
 
+# The venv from requirements.txt, the lock (every version pinned, with hashes), and detectron2.
 setup: .venv/.setup-done
-.venv/.setup-done: requirements.txt tools/setup.sh
+.venv/.setup-done: requirements.txt pyproject.toml tools/setup.sh
 	bash tools/setup.sh
+
+# Rewrite the lock from pyproject.toml (after changing a dependency there): versions already locked
+# are kept where they still fit; LOCK_OPTS=--upgrade (or --upgrade-package NAME) takes newer ones.
+# Then make setup and make test, and commit both files.
+LOCK_OPTS ?=
+LOCK_NOTE := \# The lock: what make setup installs. Do not edit it by hand: change pyproject.toml, then make lock.
+lock: setup
+	.venv/bin/uv pip compile pyproject.toml --extra test --extra profile --group setup --generate-hashes \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" \
+	  --quiet $(LOCK_OPTS) -o requirements.txt
+	sed -i '1i $(LOCK_NOTE)' requirements.txt
 
 data: setup
 	$(PY) -m tools.embedded_data --variant $(VARIANT)

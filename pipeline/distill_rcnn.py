@@ -8,14 +8,15 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.utils.events import get_event_storage
 
+from pipeline.config import TeacherSourceName
 from pipeline.distiller import Distiller, instance_boxes
 from pipeline.losses import build_distill_loss, loss_class, loss_weight
 from pipeline.plan import TeacherPlan, as_plan
 from pipeline.teacher import TeacherFeatureExtractor
-from pipeline.teacher_source import CachedTeacher, LiveTeacher
+from pipeline.teacher_source import CachedTeacher, LiveTeacher, TeacherSource
 
 logger = logging.getLogger(__name__)
-SOURCES = ("cache", "live")
+SOURCES: tuple[TeacherSourceName, ...] = ("cache", "live")
 
 
 def image_index(cfg) -> dict[int, int]:
@@ -77,7 +78,16 @@ class DistillRCNN(GeneralizedRCNN):
     """With a distiller, training adds `loss_kd`; without one (DISTILL.ENABLE False) it is GeneralizedRCNN."""
 
     @configurable
-    def __init__(self, *, distiller: Distiller | None = None, teacher_source=None, **kwargs):
+    def __init__(self, *, distiller: Distiller | None = None, teacher_source: TeacherSource | None = None,
+                 **kwargs):
+        """
+        Args:
+            distiller: the loss module that turns student and teacher maps into loss_kd (with its
+                connectors and trainable parts); None trains plain GeneralizedRCNN.
+            teacher_source: where each batch's teacher maps come from, CachedTeacher (the store,
+                through DistillDatasetMapper) or LiveTeacher; required with a distiller.
+            **kwargs: GeneralizedRCNN's own arguments (backbone, proposal_generator, roi_heads, ...).
+        """
         super().__init__(**kwargs)
         self.distiller = distiller
         self.teacher_source = teacher_source

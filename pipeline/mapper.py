@@ -9,11 +9,12 @@ from detectron2.data import transforms as T
 
 from cache import StoreEntryError, TeacherFeatureStore
 from cache.format import STATUS_UNREADABLE
+from pipeline.config import OnBadEntry
 from pipeline.distiller import teacher_keys
 from pipeline.losses import loss_class
 
 logger = logging.getLogger(__name__)
-ON_BAD_ENTRY = ("fail", "skip")
+ON_BAD_ENTRY: tuple[OnBadEntry, ...] = ("fail", "skip")
 
 
 class _RecordingAugmentations(T.AugmentationList):
@@ -29,7 +30,21 @@ class DistillDatasetMapper(DatasetMapper):
 
     @configurable
     def __init__(self, is_train: bool, *, store_path: str | None = None, storage_options: dict | None = None,
-                 on_bad_entry: str = "fail", teacher_keys: list[str] | None = None, **kwargs):
+                 on_bad_entry: OnBadEntry = "fail", teacher_keys: list[str] | None = None, **kwargs):
+        """
+        Args:
+            is_train: as in DatasetMapper; from_config gives a store only to a training mapper.
+            store_path: the teacher-feature store (a directory or a URL, DISTILL.CACHE.PATH); None
+                reads no features, so the mapper is detectron2's DatasetMapper.
+            storage_options: fsspec options of a URL store (DISTILL.CACHE.STORAGE_OPTIONS).
+            on_bad_entry: an image whose entry is damaged or unwritten, or that stage one could not
+                read (DISTILL.CACHE.ON_BAD_ENTRY): "fail" raises, naming the image and the store;
+                "skip" returns a damaged or unwritten one without teacher features (DistillRCNN
+                leaves it out of loss_kd and counts it) and drops an unreadable one (None).
+            teacher_keys: the maps the method compares (e.g. "p2", "rpn_objectness/p2"); None
+                reads every stored map. Keys the store lacks are left to the distiller's error.
+            **kwargs: DatasetMapper's own arguments (augmentations, image_format, ...).
+        """
         super().__init__(is_train, **kwargs)
         if on_bad_entry not in ON_BAD_ENTRY:
             raise ValueError(f"DISTILL.CACHE.ON_BAD_ENTRY={on_bad_entry!r}; choose one of {ON_BAD_ENTRY}")
