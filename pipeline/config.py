@@ -38,7 +38,8 @@ def add_distill_config(cfg: CN) -> None:
     _C.DISTILL.CFG_T = ""
     # The distillation method, one module per method in pipeline/losses (docs/methods.md).
     # Options: "hint", "attention", "similarity", "nst", "rkd", "pkt", "kdsvd", "fsp",
-    # "correlation", "vid", "crd", "abound", "factor", "kd" (kd needs DISTILL.CACHE.RPN True).
+    # "correlation", "vid", "crd", "abound", "factor", "kd" (kd needs DISTILL.CACHE.RPN True),
+    # and the detection methods "cwd", "pkd", "mgd", "fgd", "defeat" (fgd, defeat use the boxes).
     _C.DISTILL.DISTILL = "hint"
     # Trial number, as in the original design: tells repeated runs of one setting apart.
     # Recorded in student_metrics.json; changes nothing else.
@@ -105,8 +106,8 @@ def get_distill_cfg(config_file: str | None = None, opts: list[str] | None = Non
     """A detectron2 config with the DISTILL node, merged from a file and KEY VALUE overrides."""
     cfg = get_cfg()
     add_distill_config(cfg)
-    # detectron2's default device is "cuda"; ours picks CUDA when there is one. A device the config or the
-    # command line names explicitly is kept, and pipeline.trainer.setup refuses a CUDA one without CUDA.
+    # detectron2's default device is "cuda"; ours picks CUDA when there is one. A device the config or
+    # the command line names explicitly is kept; pipeline.trainer.setup refuses CUDA without CUDA.
     cfg.MODEL.DEVICE = "auto"
     if config_file:
         cfg.merge_from_file(config_file)
