@@ -106,8 +106,8 @@ def get_distill_cfg(config_file: str | None = None, opts: list[str] | None = Non
     """A detectron2 config with the DISTILL node, merged from a file and KEY VALUE overrides."""
     cfg = get_cfg()
     add_distill_config(cfg)
-    # detectron2's default device is "cuda"; ours picks CUDA when there is one. A device the config or
-    # the command line names explicitly is kept; pipeline.trainer.setup refuses CUDA without CUDA.
+    # detectron2's default device is "cuda"; ours picks CUDA where there is one. A device the
+    # config or the command line names is kept; pipeline.trainer.setup refuses CUDA without CUDA.
     cfg.MODEL.DEVICE = "auto"
     if config_file:
         cfg.merge_from_file(config_file)
