@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.losses import DistillLoss
+from pipeline.losses.base import zero_padding
 
 
 def teacher_keys(levels, source: str) -> list[str]:
@@ -85,7 +86,9 @@ class Distiller(nn.Module):
             t, mask = pad_teacher_level([f[key].to(device, dtype) for f in teacher_features], image_sizes,
                                         stride, shape, key)
             if s is not None and level in self.connectors:
-                s = self.connectors[level](s)
+                # Zeroed first: a conv's weight gradient sums input x output gradient over every
+                # position, and inf padding x 0 is NaN.
+                s = self.connectors[level](zero_padding(s, mask))
             students.append(s)
             teachers.append(t)
             masks.append(mask)
