@@ -102,11 +102,31 @@ class Distiller(nn.Module):
             raise KeyError(f"image {e.args[0]} is not in the image index of {len(self.image_rows)} training images "
                            f"that method {self.loss.method!r} was built with") from None
 
-    def forward(self, student_features: dict[str, torch.Tensor], teacher_features: list[dict[str, torch.Tensor]],
+    def forward(self, student_features: dict[str, torch.Tensor], teacher_features: list[dict[str, torch.Tensor] | None],
                 image_sizes, image_ids=None) -> torch.Tensor:
+        """loss_kd of the batch; an image whose teacher entry is None (ON_BAD_ENTRY "skip") is left out.
+
+        A batch left without images gives a zero that reaches every student map and distiller
+        parameter, and the loss still joins its collectives (crd's bank gather), so under DDP every
+        process takes part in every collective and gradient reduction whatever its valid images.
+        """
+        keep = [i for i, t in enumerate(teacher_features) if t is not None]
+        if not keep:
+            return self.zero_without_images(student_features)
+        if len(keep) < len(teacher_features):
+            student_features = {name: f[keep] for name, f in student_features.items()}
+            teacher_features, image_sizes = [teacher_features[i] for i in keep], [image_sizes[i] for i in keep]
+            image_ids = None if image_ids is None else [image_ids[i] for i in keep]
         students, teachers, masks = self.inputs(student_features, teacher_features, image_sizes)
         extra = {"rows": self.rows(image_ids, students[0].device)} if self.loss.needs_image_index else {}
         return self.weight * self.loss(students, teachers, masks, **extra)
+
+    def zero_without_images(self, student_features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """0 with a zero gradient to the compared student maps and every parameter here (never NaN, even from inf)."""
+        maps = [student_features[key] for key in self.keys()]
+        self.loss.step_without_images(maps[0].device)
+        nothing = torch.zeros((), dtype=torch.bool, device=maps[0].device)
+        return sum(torch.where(nothing, x, 0).sum() for x in [*maps, *self.parameters()])
 
     def init_loss(self, student_features: dict[str, torch.Tensor] | None,
                   teacher_features: list[dict[str, torch.Tensor]], image_sizes, padded_hw) -> torch.Tensor:

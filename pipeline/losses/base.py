@@ -162,6 +162,13 @@ class DistillLoss(nn.Module):
         """This loss's parameters that the init stage trains."""
         return list(self.parameters())
 
+    def step_without_images(self, device: torch.device) -> None:
+        """Join what forward shares between DDP processes, in a step where this process has no valid image.
+
+        Every process must enter every collective of a step, or the others wait for it forever; a
+        method whose forward has collectives (crd's memory-bank all_gather) overrides this.
+        """
+
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of (B, C, H, W) values over the valid positions and all channels; padding is dropped."""
