@@ -1,6 +1,7 @@
 """Cached and live distillation agree: same batch, same student features, every method."""
 import copy
 
+import numpy as np
 import torch
 
 from detectron2.data import build_detection_train_loader
@@ -13,6 +14,7 @@ from pipeline.teacher import TeacherFeatureExtractor
 from pipeline.teacher_source import CachedTeacher, LiveTeacher
 from pipeline.mapper import DistillDatasetMapper
 from tests.conftest import make_student_cfg
+from tests.pipeline.test_flip_views import flipped_images
 
 # int8 keeps 8 bits per value with a per-channel scale. Measured here on this tiny R18 teacher,
 # batch of 4: relative deviation from live at most 1.2e-3 (attention), under 3e-4 for the other
@@ -20,17 +22,27 @@ from tests.conftest import make_student_cfg
 INT8_BOUND = 1e-2
 
 
+# The batch of 4 seed 2 draws holds images 3, 7, 13, 4, the first and third flipped (seed 0 flips none).
+SEED = 2
+
+
 def _losses(cfg):
     """Per method: (loss from the store, loss from the live teacher) on one batch and one student forward.
 
     Each method's distiller (with its trainable parts) is built once and copied for each source,
     so per-step state (crd's memory bank) and random draws (its negatives) are the same for both.
+    The generators are seeded so that the batch (INPUT.RANDOM_FLIP horizontal) holds flipped and
+    unflipped images: the store's flipped view must agree with the live teacher on the flipped image.
     """
-    torch.manual_seed(0)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)
     model = build_model(cfg).train()
     mapper = DistillDatasetMapper(cfg, True)
     mapper.teacher_keys = None  # every stored map (a student reads only its method's): one batch for all fourteen
     batch = next(iter(build_detection_train_loader(cfg, mapper=mapper)))
+    assert cfg.INPUT.RANDOM_FLIP == "horizontal"
+    flipped = flipped_images(cfg, batch)
+    assert any(flipped) and not all(flipped), f"the seeded batch should hold both flips, got {flipped}"
     with student_outputs(model, rpn=True) as captured, EventStorage(0), torch.no_grad():
         model(batch)
     sizes = [tuple(x["image"].shape[-2:]) for x in batch]
