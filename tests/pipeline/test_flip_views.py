@@ -26,8 +26,8 @@ def seeded_batch(cfg, seed: int = 0) -> list[dict]:
 
 def flipped_images(cfg, batch: list[dict]) -> list[bool]:
     """Per image of the batch, whether the student's input is its file mirrored (False: as resized, unflipped)."""
-    unflipped = DatasetMapper(False, augmentations=[T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN,
-                                                                          "choice")], image_format=cfg.INPUT.FORMAT)
+    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, "choice")
+    unflipped = DatasetMapper(False, augmentations=[resize], image_format=cfg.INPUT.FORMAT)
     dicts = {d["image_id"]: d for name in cfg.DATASETS.TRAIN for d in DatasetCatalog.get(name)}
     flipped = []
     for x in batch:

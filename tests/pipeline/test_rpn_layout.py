@@ -51,7 +51,7 @@ def stored_rpn_outputs(model, tmp_path) -> TeacherFeatureStore:
 
 
 def detectron2_decode(model, maps: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per level, (h, w, A) objectness and (h, w, A, 4) boxes: detectron2's RPN.forward fed these maps as its head's output."""
+    """Per level, (h, w, A) objectness and (h, w, A, 4) boxes: detectron2's RPN.forward, these maps as its head's output."""
     rpn = model.proposal_generator
     captured = {}
 

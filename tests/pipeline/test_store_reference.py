@@ -52,7 +52,8 @@ def detectron2_features(model, mapped: dict) -> tuple[dict[str, torch.Tensor], t
     return cropped, (h, w)
 
 
-def test_every_stored_entry_both_views_is_detectron2s_single_image_forward_rounded_to_fp16(tiny_rpn_store, tiny_teacher):
+def test_every_stored_entry_both_views_is_detectron2s_single_image_forward_rounded_to_fp16(tiny_rpn_store,
+                                                                                           tiny_teacher):
     store_cfg = tiny_rpn_store["cfg"]
     store = TeacherFeatureStore(tiny_rpn_store["path"])
     assert store.layout.codec == "fp16" and store.layout.flip == "stored" and store.layout.rpn_anchors == 3

@@ -42,6 +42,6 @@ def test_a_bare_state_dict_holding_a_pickled_object_is_still_refused_without_run
     state["payload"] = _RunsCodeWhenUnpickled(str(marker))
     torch.save(state, tmp_path / "evil_bare.pth")
     cfg = make_student_cfg(tmp_path, dict(tiny_teacher, weights=str(tmp_path / "evil_bare.pth")))
-    with pytest.raises(pickle.UnpicklingError, match=r"evil_bare\.pth hold Python objects beyond tensors.*weights_only"):
+    with pytest.raises(pickle.UnpicklingError, match=r"evil_bare\.pth hold Python objects beyond tensors"):
         build_teacher(cfg)
     assert not marker.exists()
