@@ -135,20 +135,16 @@ class DistillRCNN(GeneralizedRCNN):
     def _loss_kd_without_skipped(self, captured, teacher, sizes, ids, boxes, keep, batched_inputs):
         """loss_kd of the images that have teacher features (ON_BAD_ENTRY "skip"); the others are counted.
 
-        A batch with none gives a zero that still reaches every student and distiller parameter, so
-        the step (and DDP's gradient reduction) goes on unchanged.
+        The Distiller leaves the skipped images out. A batch with none gives a zero that still reaches
+        every student and distiller parameter and joins the loss's collectives (crd's bank gather), so
+        the step, DDP's gradient reduction and the other processes go on unchanged.
         """
         skipped = [x for x in batched_inputs if x.get("teacher_features", 0) is None]
         for x in skipped:
             logger.warning("no loss_kd for image %s: %s", x.get("image_id"), x.get("teacher_skip_reason", "no teacher features"))
         self._kd_skipped_images = getattr(self, "_kd_skipped_images", 0) + len(skipped)
         get_event_storage().put_scalar("kd_skipped_images", self._kd_skipped_images, smoothing_hint=False)
-        if not keep:
-            zero = sum(captured[level].sum() for level in self.distiller.levels)
-            return (zero + sum(p.sum() for p in self.distiller.parameters())) * 0.0
-        kept = {name: f[keep] for name, f in captured.items()}
-        return self.distiller(kept, [teacher[i] for i in keep], [sizes[i] for i in keep], [ids[i] for i in keep],
-                              [boxes[i] for i in keep])
+        return self.distiller(captured, teacher, sizes, ids, boxes)
 
     def distill_init_loss(self, batched_inputs):
         """The distiller's init-stage loss on a batch: the student backbone runs only if the stage trains it.

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.losses import DistillLoss
+from pipeline.losses.base import zero_padding
 
 
 def teacher_keys(levels, source: str) -> list[str]:
@@ -96,7 +97,9 @@ class Distiller(nn.Module):
             t, mask = pad_teacher_level([f[key].to(device, dtype) for f in teacher_features], image_sizes,
                                         stride, shape, key)
             if s is not None and level in self.connectors:
-                s = self.connectors[level](s)
+                # Zeroed first: a conv's weight gradient sums input x output gradient over every
+                # position, and inf padding x 0 is NaN.
+                s = self.connectors[level](zero_padding(s, mask))
             students.append(s)
             teachers.append(t)
             masks.append(mask)
@@ -119,14 +122,35 @@ class Distiller(nn.Module):
                              "keeps annotations (detectron2's DatasetMapper with is_train=True does)")
         return [b.to(device, torch.float32) for b in boxes]
 
-    def forward(self, student_features: dict[str, torch.Tensor], teacher_features: list[dict[str, torch.Tensor]],
+    def forward(self, student_features: dict[str, torch.Tensor], teacher_features: list[dict[str, torch.Tensor] | None],
                 image_sizes, image_ids=None, boxes: list[torch.Tensor | None] | None = None) -> torch.Tensor:
-        """boxes: per image (n, 4) in input pixels (instance_boxes of the batch), used by methods with needs_boxes."""
+        """loss_kd of the batch; an image whose teacher entry is None (ON_BAD_ENTRY "skip") is left out.
+
+        boxes: per image (n, 4) in input pixels (instance_boxes of the batch), used by methods with needs_boxes.
+        A batch left without images gives a zero that reaches every student map and distiller
+        parameter, and the loss still joins its collectives (crd's bank gather), so under DDP every
+        process takes part in every collective and gradient reduction whatever its valid images.
+        """
+        keep = [i for i, t in enumerate(teacher_features) if t is not None]
+        if not keep:
+            return self.zero_without_images(student_features)
+        if len(keep) < len(teacher_features):
+            student_features = {name: f[keep] for name, f in student_features.items()}
+            teacher_features, image_sizes = [teacher_features[i] for i in keep], [image_sizes[i] for i in keep]
+            image_ids = None if image_ids is None else [image_ids[i] for i in keep]
+            boxes = None if boxes is None else [boxes[i] for i in keep]
         students, teachers, masks = self.inputs(student_features, teacher_features, image_sizes)
         extra = {"rows": self.rows(image_ids, students[0].device)} if self.loss.needs_image_index else {}
         if self.loss.needs_boxes:
             extra.update(boxes=self.boxes(boxes, students[0].device), strides=self.strides)
         return self.weight * self.loss(students, teachers, masks, **extra)
+
+    def zero_without_images(self, student_features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """0 with a zero gradient to the compared student maps and every parameter here (never NaN, even from inf)."""
+        maps = [student_features[key] for key in self.keys()]
+        self.loss.step_without_images(maps[0].device)
+        nothing = torch.zeros((), dtype=torch.bool, device=maps[0].device)
+        return sum(torch.where(nothing, x, 0).sum() for x in [*maps, *self.parameters()])
 
     def init_loss(self, student_features: dict[str, torch.Tensor] | None,
                   teacher_features: list[dict[str, torch.Tensor]], image_sizes, padded_hw) -> torch.Tensor:

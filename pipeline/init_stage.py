@@ -34,14 +34,20 @@ def init_stage_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def average_gradients(params: list[nn.Parameter]) -> None:
-    """Average gradients over DDP processes: the stage calls submodules directly, outside DDP's own reduction."""
+    """Average gradients over DDP processes: the stage calls submodules directly, outside DDP's own reduction.
+
+    A parameter without a gradient here (a batch without valid images skips the backbone) counts as
+    0 and still joins the reduction: every process must reduce the same tensors, and step with the
+    same average, or they wait for each other forever or drift apart.
+    """
     world = comm.get_world_size()
     if world == 1:
         return
     for p in params:
-        if p.grad is not None:
-            torch.distributed.all_reduce(p.grad)
-            p.grad /= world
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad /= world
 
 
 def run_init_stage(model: nn.Module, batches, iterations: int, lr: float, clip_norm: float | None = None,

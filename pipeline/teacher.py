@@ -32,22 +32,25 @@ _NON_FEATURE_KEYS = ("WEIGHTS", "DEVICE")
 class TeacherCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer that loads .pth weights with torch's weights_only=True, whatever the environment.
 
-    Tensors and plain containers load; a file holding other Python objects (a pickle that could run
-    code) is refused. Model-zoo .pkl files are pickles by format: detectron2 unpickles them, so only
-    point DISTILL.PATH_T at a .pkl you trust.
+    Tensors and plain containers load, a detectron2 checkpoint ({"model": state_dict, ...}) or a bare
+    state dict alike; a file holding other Python objects (a pickle that could run code) is refused.
+    Model-zoo .pkl files are pickles by format: detectron2 unpickles them, so only point
+    DISTILL.PATH_T at a .pkl you trust.
     """
 
     def _load_file(self, filename: str) -> dict:
         if filename.endswith((".pkl", ".pyth")):
             return super()._load_file(filename)
         try:
-            return torch.load(filename, map_location=torch.device("cpu"), weights_only=True)
+            loaded = torch.load(filename, map_location=torch.device("cpu"), weights_only=True)
         except pickle.UnpicklingError as exc:
             raise pickle.UnpicklingError(
                 f"teacher weights {filename} hold Python objects beyond tensors, which torch's weights_only "
                 f"loader refuses ({str(exc).splitlines()[0]}). Use a plain state-dict checkpoint, or re-save "
                 "one you trust with torch.save({'model': model.state_dict()}, path)"
             ) from None
+        # A bare torch.save(model.state_dict(), path) has no "model" key: wrap it, as DetectionCheckpointer does.
+        return loaded if "model" in loaded else {"model": loaded}
 
 
 def build_teacher(plan: TeacherPlan | CfgNode) -> torch.nn.Module:

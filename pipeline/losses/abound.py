@@ -20,10 +20,10 @@ class ABLoss(DistillLoss):
 
     Adapted to detection: per FPN level a 1x1 conv connector maps the student to the teacher's
     width (RepDistiller adds BatchNorm there; its batch statistics would count padding, so it is
-    left out). The teacher's activation boundary is the sign of its FPN output. The loss
-    (margin 1, as RepDistiller) is averaged over valid positions and channels, then over levels
-    (RepDistiller sums, weights later layers more and divides by batch x 1000 / 3; FPN levels are
-    parallel, so they are weighted equally here).
+    left out), run on the map with its padding zeroed. The teacher's activation boundary is the
+    sign of its FPN output. The loss (margin 1, as RepDistiller) is averaged over valid positions
+    and channels, then over levels (RepDistiller sums, weights later layers more and divides by
+    batch x 1000 / 3; FPN levels are parallel, so they are weighted equally here).
 
     Init stage ("student"): before training, the student backbone and the connectors are trained
     on this loss alone for DISTILL.INIT_ITERS iterations, as RepDistiller's init epochs. The main

@@ -118,7 +118,10 @@ class DistillLoss(nn.Module):
 
     Subclasses implement level_loss(student, teacher, mask) for one level; a method that
     relates several levels (kdsvd) overrides forward instead. Inputs are cast to float32
-    with autocast off, so the loss is computed the same way under mixed precision.
+    with autocast off, so the loss is computed the same way under mixed precision, and their
+    padding is zeroed before level_loss sees them: a method's convs or BCE on the whole map
+    (vid, abound, kd) would otherwise give NaN gradients from inf or NaN padding, even where
+    their loss terms are dropped afterwards.
     """
 
     method: str = ""  # the registry name, set by register_loss
@@ -139,7 +142,8 @@ class DistillLoss(nn.Module):
         check_levels(students, teachers, masks)
         with full_precision(students[0]):
             losses = [
-                self.level_loss_at(level, student.float(), teacher.float(), mask)
+                self.level_loss_at(level, zero_padding(student.float(), mask), zero_padding(teacher.float(), mask),
+                                   mask)
                 for level, (student, teacher, mask) in enumerate(zip(students, teachers, masks))
             ]
         return torch.stack(losses).mean()
@@ -149,7 +153,7 @@ class DistillLoss(nn.Module):
         return self.level_loss(student, teacher, mask)
 
     def level_loss(self, student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
-        """The loss of one level: student (B, Cs, H, W), teacher (B, Ct, H, W), mask (B, 1, H, W)."""
+        """The loss of one level: student (B, Cs, H, W), teacher (B, Ct, H, W), both 0 on padding; mask (B, 1, H, W)."""
         raise NotImplementedError(f"{type(self).__name__} must implement level_loss or override forward")
 
     def init_loss(self, students: Sequence[Tensor] | None, teachers: Sequence[Tensor], masks: Sequence[Tensor]) -> Tensor:
@@ -159,6 +163,13 @@ class DistillLoss(nn.Module):
     def init_parameters(self) -> list[nn.Parameter]:
         """This loss's parameters that the init stage trains."""
         return list(self.parameters())
+
+    def step_without_images(self, device: torch.device) -> None:
+        """Join what forward shares between DDP processes, in a step where this process has no valid image.
+
+        Every process must enter every collective of a step, or the others wait for it forever; a
+        method whose forward has collectives (crd's memory-bank all_gather) overrides this.
+        """
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:

@@ -12,13 +12,32 @@ from torch import Tensor, nn
 from .base import DistillLoss, check_levels, full_precision, masked_pool, register_loss
 
 
-def gather_across_processes(x: Tensor) -> Tensor:
-    """x from every DDP process, concatenated in rank order (x itself without DDP). Equal sizes per process."""
+def gather_across_processes(*tensors: Tensor) -> list[Tensor]:
+    """Each tensor from every DDP process, concatenated in rank order (the tensors themselves without DDP).
+
+    The tensors of one process share their first size, which may differ between processes, zero
+    included (ON_BAD_ENTRY "skip" drops images): all_gather needs one shape everywhere, so the
+    sizes are gathered first and each part is padded to the largest, then trimmed. Every process
+    must call this in every step, with or without images, or the others wait for it forever.
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+        return list(tensors)
+    world = dist.get_world_size()
+    size = torch.tensor([tensors[0].shape[0]], dtype=torch.long, device=tensors[0].device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    largest = max(sizes)
+    if largest == 0:  # every process agrees there is nothing to gather
+        return list(tensors)
+    gathered = []
+    for x in tensors:
+        padded = x.new_zeros((largest, *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        gathered.append(torch.cat([part[:n] for part, n in zip(parts, sizes)]))
+    return gathered
 
 
 class MemoryBank(nn.Module):
@@ -57,6 +76,8 @@ class CRDLoss(DistillLoss):
     Under DDP every process gathers the batch's rows and embeddings from all processes
     (all_gather) before updating, so all processes apply the same updates and their banks stay
     identical (detectron2 trains with broadcast_buffers=False, so buffers are never re-sent).
+    Processes may hold different numbers of valid images (ON_BAD_ENTRY "skip"); one with none
+    joins the gather through step_without_images.
     """
 
     default_weight = 0.03  # B that starts loss_kd near 0.5 on the embedded default (tools/measure_weights.py)
@@ -101,7 +122,20 @@ class CRDLoss(DistillLoss):
             candidates = torch.cat([rows[:, None], noise], dim=1)
             loss = self.contrast(s, self.teacher_bank, candidates) + self.contrast(t, self.student_bank, candidates)
         if self.training:
-            all_rows = gather_across_processes(rows)
-            self.student_bank.update(all_rows, gather_across_processes(s.detach()))
-            self.teacher_bank.update(all_rows, gather_across_processes(t.detach()))
+            self.update_banks(rows, s.detach(), t.detach())
         return loss
+
+    @torch.no_grad()
+    def update_banks(self, rows: Tensor, student: Tensor, teacher: Tensor) -> None:
+        """Move the banks' rows of every process's images (all_gather under DDP) towards their embeddings."""
+        all_rows, all_student, all_teacher = gather_across_processes(rows, student, teacher)
+        if len(all_rows):
+            self.student_bank.update(all_rows, all_student)
+            self.teacher_bank.update(all_rows, all_teacher)
+
+    def step_without_images(self, device: torch.device) -> None:
+        """A step in which this process has no valid image still joins the other processes' bank gather."""
+        if self.training:
+            dim = self.student_bank.embeddings.shape[1]
+            empty = torch.empty((0, dim), device=self.student_bank.embeddings.device)
+            self.update_banks(torch.empty(0, dtype=torch.long, device=empty.device), empty, empty)

@@ -86,7 +86,8 @@ class FactorTransferLoss(DistillLoss):
         return masked_mean((student_factor - teacher_factor).abs(), mask)
 
     def init_loss(self, students, teachers, masks) -> Tensor:
-        losses = [masked_mean((self.paraphraser(t.float(), m) - t.float()).pow(2), m) for t, m in zip(teachers, masks)]
+        targets = [zero_padding(t.float(), m) for t, m in zip(teachers, masks)]  # NaN padding: no NaN gradient
+        losses = [masked_mean((self.paraphraser(t, m) - t).pow(2), m) for t, m in zip(targets, masks)]
         return torch.stack(losses).mean()
 
     def init_parameters(self) -> list[nn.Parameter]:

@@ -23,7 +23,8 @@ class RPNObjectnessKDLoss(DistillLoss):
     they cannot be stored. The RPN's objectness logits are dense, one per anchor (A per position)
     and per level, in the features' layout, so a store can serve them (DISTILL.CACHE.RPN True).
     Each anchor's objectness is a binary distribution: the loss is T^2 * KL(teacher || student)
-    of sigmoid(logit / T), averaged over valid positions and anchors, then over levels. It is not
+    of sigmoid(logit / T), averaged over valid positions and anchors, then over levels (the BCE
+    runs on maps whose padding is zeroed first, so NaN padding gives no NaN gradient). It is not
     classification-logit KD (the ROI head's class scores are not distilled) and leaves the box
     deltas (stored too) alone. Student and teacher need the same anchors per position.
     """

@@ -30,7 +30,8 @@ class VIDLoss(DistillLoss):
     teacher's features from the student's, with a learned variance per teacher channel
     (softplus of a parameter, plus 1e-5). The loss is the Gaussian negative log-likelihood
     0.5 * ((mu - t)^2 / var + log var) averaged over valid positions and channels only, then over
-    levels. A 1x1 regressor sees no neighbours, so padding cannot leak into valid positions.
+    levels. The regressor runs on the map with its padding zeroed (DistillLoss.forward), and a 1x1
+    regressor sees no neighbours, so padding reaches neither the value nor a gradient.
     """
 
     default_weight = 0.2  # B that starts loss_kd near 0.5 on the embedded default (tools/measure_weights.py)

@@ -72,7 +72,7 @@ def test_train_student_logs_loss_kd_and_writes_metrics(tiny_store, tiny_teacher,
     (out / "metrics.json").unlink()
     evaluated = main(default_argument_parser().parse_args(
         ["--config-file", str(cfg_file), "--eval-only", "MODEL.WEIGHTS", str(final)]))
-    assert evaluated["bbox"] == pytest.approx(metrics["bbox"], abs=1e-6, nan_ok=True)  # APs: NaN without small objects
+    assert evaluated["bbox"] == pytest.approx(metrics["bbox"], abs=1e-6, nan_ok=True)  # APl: no large objects
     assert final.stat().st_mtime_ns == stamp and not (out / "metrics.json").exists()
 
 

@@ -289,7 +289,8 @@ def test_half_precision_inputs_give_a_float32_loss(method):
 def _rpn_layout(flip: str):
     from cache import StoreLayout
 
-    return StoreLayout(("p2", "p3"), (4, 8), 2, "fp16", flip, (32, 32), shard_images=2, tile=16, rpn_anchors=1)
+    # Two anchors per position, so that a channel index that is right only for anchor 0 fails.
+    return StoreLayout(("p2", "p3"), (4, 8), 2, "fp16", flip, (32, 32), shard_images=2, tile=16, rpn_anchors=2)
 
 
 def _rpn_entry(image_id: int, layout):
@@ -304,9 +305,9 @@ def _rpn_entry(image_id: int, layout):
 def test_a_layout_with_rpn_anchors_stores_objectness_and_deltas_per_level_at_the_levels_stride():
     layout = _rpn_layout("stored")
     assert layout.stored_keys == ("p2", "p3", "rpn_objectness/p2", "rpn_objectness/p3", "rpn_deltas/p2", "rpn_deltas/p3")
-    assert [layout.channels_of(k) for k in layout.stored_keys] == [2, 2, 1, 1, 4, 4]
+    assert [layout.channels_of(k) for k in layout.stored_keys] == [2, 2, 2, 2, 8, 8]
     assert layout.valid_hw("rpn_deltas/p3", (24, 32)) == layout.valid_hw("p3", (24, 32)) == (3, 4)
-    assert layout.to_attrs()["rpn_anchors"] == 1
+    assert layout.to_attrs()["rpn_anchors"] == 2
     assert "rpn_anchors" not in _rpn_layout("stored").__class__(("p2",), (4,), 2, "fp16", "none", (32, 32)).to_attrs()
 
 
@@ -325,10 +326,15 @@ def test_rpn_outputs_round_trip_and_a_mirrored_read_negates_dx(tmp_path, codec):
     plain, mirrored = store.read(1), store.read(1, flip=True)
     for key in layout.stored_keys:
         np.testing.assert_allclose(plain[key].numpy(), entries[0].features["orig"][key], atol=tolerance)
-    deltas = torch.flip(plain["rpn_deltas/p2"], dims=[-1])
-    assert torch.equal(mirrored["rpn_deltas/p2"][0], -deltas[0])  # dx
-    assert torch.equal(mirrored["rpn_deltas/p2"][1:], deltas[1:])  # dy, dw, dh
-    assert torch.equal(mirrored["rpn_objectness/p2"], torch.flip(plain["rpn_objectness/p2"], dims=[-1]))
+    for key in ("rpn_deltas/p2", "rpn_deltas/p3"):
+        # Channel 4a + k is coordinate k (dx, dy, dw, dh) of anchor a: detectron2's RPN.forward views the
+        # head's (N, 4A, H, W) output as (N, A, 4, H, W).
+        deltas = torch.flip(plain[key], dims=[-1]).view(layout.rpn_anchors, 4, *plain[key].shape[-2:])
+        got = mirrored[key].view(layout.rpn_anchors, 4, *plain[key].shape[-2:])
+        assert torch.equal(got[:, 0], -deltas[:, 0]), key  # dx of every anchor changes sign
+        assert torch.equal(got[:, 1:], deltas[:, 1:]), key  # dy, dw, dh do not
+        level = key.split("/")[1]
+        assert torch.equal(mirrored[f"rpn_objectness/{level}"], torch.flip(plain[f"rpn_objectness/{level}"], dims=[-1]))
 
 
 def test_a_lossy_codec_keeps_int8s_step_on_rpn_outputs_and_its_own_on_features(tmp_path):
