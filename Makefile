@@ -80,8 +80,11 @@ kill-test: setup
 bench: teacher
 	$(PY) -m tools.bench $(BENCH_OPTS)
 
+# SWEEP_OUT: where the runs and results go (another config needs its own, or finished runs are reused)
+SWEEP_OUT ?=
 sweep: cache-teacher
-	$(PY) -m tools.sweep --methods $(METHODS) $(if $(ITERS),--iters $(ITERS)) $(OPTS)
+	$(PY) -m tools.sweep --config-file $(STUDENT_CFG) $(if $(SWEEP_OUT),--out $(SWEEP_OUT)) --methods $(METHODS) \
+	  $(if $(ITERS),--iters $(ITERS)) $(OPTS)
 
 clean:
 	rm -rf output

@@ -39,11 +39,16 @@ def _info_table(info: StoreInfo) -> str:
         ("format", f"version {info.format_version}"),
         ("codec", info.codec + (f", {info.predictor} predictor" if info.predictor != "none" else "")),
         ("flip", info.flip),
+        ("sizes", ", ".join(map(str, info.sizes)) + " (short edges)" if info.sizes else "one, in the fingerprint's resize"),
+        ("views", f"{len(info.views)}: {', '.join(info.views)}"),
         ("levels", ", ".join(info.levels)),
         ("rpn outputs", f"objectness and deltas, {info.rpn_anchors} anchors" if info.rpn_anchors else "not stored"),
         ("images", f"{info.images_done} done, {info.images_failed} unreadable, "
                    f"{info.images_pending} pending, {info.images_total} total"),
-        ("on disk", f"{_human_bytes(info.bytes_on_disk)} ({_human_bytes(info.bytes_per_image)} per done image)"),
+        ("on disk", f"{_human_bytes(info.bytes_on_disk)} ({_human_bytes(info.bytes_per_image)} per done image, "
+                    f"{_human_bytes(info.bytes_per_view)} per image and view)"),
+        *(("  " + name, f"{_human_bytes(b)} per image (feature objects)")
+          for name, b in (info.feature_bytes_per_image_by_view or {}).items()),
         ("vs float32", f"{ratio} (raw {_human_bytes(info.raw_fp32_bytes)})"),
         ("fingerprint", info.fingerprint_sha256),
         ("created", info.created or "-"),

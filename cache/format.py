@@ -16,10 +16,14 @@ from typing import Any, Mapping
 from cache.codecs import FeatureCodec, get_codec
 
 FORMAT_NAME = "teacher-feature-store"
-FORMAT_VERSION = 2
-# Version 1 is version 2 without the `predictor` attribute (no predictor): still read, and resumed
-# where the requested layout is the same (an fp16 store is byte-identical in both).
-READABLE_FORMAT_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+# Version 3 records the short edges (`sizes`) and stores one set of views per size. Version 2 is version 3
+# with one size that the layout does not record (the fingerprint's resize rule does): a layout without sizes
+# is written as version 2, and version 2 stores are resumed by a one-size request with the same layout.
+# Version 1 is version 2 without the `predictor` attribute (no predictor): still read, and resumed where the
+# requested layout is the same (an fp16 store is byte-identical in both).
+LEGACY_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 FLIP_OPTIONS = ("none", "mirror", "stored")
 
 # Status values of the per-image `status` array; a row is done only when its status is nonzero.
@@ -88,12 +92,19 @@ class StoreLayout:
     tile: int = 64
     rpn_anchors: int = 0  # A: the teacher's RPN outputs are stored per level too when > 0
     predictor: str | None = None  # of the stored codes; None: the codec's own (cache/codecs.py)
+    # Short edges stored, ascending: one set of flip views each (format 3). (): one size that the layout does
+    # not record (format 1-2 stores; the fingerprint's resize rule says which).
+    sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # Normalise lists (e.g. from JSON or YAML) to tuples so layouts compare and hash by value.
         object.__setattr__(self, "levels", tuple(str(level) for level in self.levels))
         object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
         object.__setattr__(self, "max_hw", tuple(int(v) for v in self.max_hw))
+        sizes = tuple(int(v) for v in self.sizes)
+        if any(v <= 0 for v in sizes) or list(sizes) != sorted(set(sizes)):
+            raise ValueError(f"sizes must be distinct positive short edges in ascending order, got {self.sizes}")
+        object.__setattr__(self, "sizes", sizes)
         if not self.levels or len(self.levels) != len(self.strides):
             raise ValueError(
                 f"levels {self.levels} and strides {self.strides} must be non-empty and of equal length"
@@ -124,9 +135,61 @@ class StoreLayout:
             object.__setattr__(self, name, int(getattr(self, name)))
 
     @property
-    def views(self) -> tuple[str, ...]:
-        """Stored views: the flipped image gets its own view only when flip == "stored"."""
+    def flip_views(self) -> tuple[str, ...]:
+        """The flip views of one size: the flipped image gets its own view only when flip == "stored"."""
         return ("orig", "hflip") if self.flip == "stored" else ("orig",)
+
+    @property
+    def format_version(self) -> int:
+        """The format a store of this layout is written in: 3 with recorded sizes, 2 without."""
+        return FORMAT_VERSION if self.sizes else LEGACY_FORMAT_VERSION
+
+    @property
+    def num_sizes(self) -> int:
+        return max(1, len(self.sizes))
+
+    @property
+    def views(self) -> tuple:
+        """The entries of the arrays' view axis, as the `views` attribute records them.
+
+        With sizes (format 3): (short edge, flip view) pairs, size-major (view index = size index * F + flip
+        index, F = len(flip_views)). Without (format 1-2): the flip view names.
+        """
+        if not self.sizes:
+            return self.flip_views
+        return tuple((size, flip) for size in self.sizes for flip in self.flip_views)
+
+    @property
+    def num_views(self) -> int:
+        return self.num_sizes * len(self.flip_views)
+
+    def view_index(self, flip: str = "orig", size: int | None = None) -> int:
+        """Index on the view axis of (size, flip view); size None (or any, without sizes) means the only size."""
+        if flip not in self.flip_views:
+            raise ValueError(f"flip view {flip!r} is not stored (flip={self.flip!r} stores {list(self.flip_views)})")
+        return self.size_index(size) * len(self.flip_views) + self.flip_views.index(flip)
+
+    def size_index(self, size: int | None) -> int:
+        """Index of a short edge among `sizes`; KeyError naming the stored sizes when it is not one of them."""
+        if not self.sizes:
+            return 0  # one size, not recorded: the fingerprint's resize rule says which
+        if size is None:
+            if len(self.sizes) == 1:
+                return 0
+            raise KeyError(f"this store holds short edges {list(self.sizes)}; name the one to read (size=...)")
+        try:
+            return self.sizes.index(int(size))
+        except ValueError:
+            raise KeyError(f"short edge {size} is not stored; this store holds {list(self.sizes)}") from None
+
+    def view_size_index(self, view: int) -> int:
+        """Index (into `sizes`) of the size a view index belongs to."""
+        return int(view) // len(self.flip_views)
+
+    def view_name(self, view: int) -> str:
+        """How messages name a view: "orig"/"hflip", with its short edge first when sizes are recorded ("800/hflip")."""
+        flip = self.flip_views[int(view) % len(self.flip_views)]
+        return f"{self.sizes[self.view_size_index(view)]}/{flip}" if self.sizes else flip
 
     @property
     def stored_keys(self) -> tuple[str, ...]:
@@ -182,7 +245,9 @@ class StoreLayout:
             "channels": self.channels,
             "codec": self.codec,
             "flip": self.flip,
-            "views": list(self.views),
+            # Format 3: the short edges and [size, flip] pairs; format 2 (no sizes): the flip view names.
+            **({"sizes": list(self.sizes)} if self.sizes else {}),
+            "views": [list(v) for v in self.views] if self.sizes else list(self.views),
             "max_hw": list(self.max_hw),
             "shard_images": self.shard_images,
             "tile": self.tile,
@@ -198,7 +263,7 @@ class StoreLayout:
         if missing:
             raise ValueError(f"store attributes lack layout fields {missing}")
         return cls(**{k: attrs[k] for k in _LAYOUT_FIELDS}, rpn_anchors=attrs.get("rpn_anchors", 0),
-                   predictor=attrs.get("predictor", "none"))
+                   predictor=attrs.get("predictor", "none"), sizes=tuple(attrs.get("sizes", ())))
 
     @property
     def feature_codec(self) -> FeatureCodec:

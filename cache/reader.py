@@ -152,7 +152,10 @@ class TeacherFeatureStore:
             for row, reason in bad.items():
                 damaged.setdefault(row, reason)
         self._status = loaded[STATUS].astype(np.uint8)
-        self._orig_hw, self._resized_hw, self._padded_hw = (loaded[n].astype(np.int64) for n in (ORIG_HW, RESIZED_HW, PADDED_HW))
+        self._orig_hw = loaded[ORIG_HW].astype(np.int64)
+        # (N, Z, 2): one (h, w) per stored size; format 1-2 stores hold one, as (N, 2).
+        self._resized_hw, self._padded_hw = (loaded[n].astype(np.int64).reshape(len(self.image_ids), -1, 2)
+                                             for n in (RESIZED_HW, PADDED_HW))
         self._damaged = damaged
 
     def __len__(self) -> int:
@@ -174,14 +177,29 @@ class TeacherFeatureStore:
                 int(image_id), self.path, f"not in this store (dataset {self.dataset!r}, {len(self)} images)"
             ) from None
 
-    def sizes(self, image_id: int) -> dict[str, Any]:
+    def sizes(self, image_id: int, size: int | None = None) -> dict[str, Any]:
+        """Recorded sizes of an image: orig_hw, and resized_hw / padded_hw at short edge `size`.
+
+        size: one of `layout.sizes`; None for a store of one size. KeyError naming the stored sizes otherwise.
+        """
         row = self.row(image_id)
+        z = self._size_index(size)
         return {
             "orig_hw": tuple(int(v) for v in self._orig_hw[row]),
-            "resized_hw": tuple(int(v) for v in self._resized_hw[row]),
-            "padded_hw": tuple(int(v) for v in self._padded_hw[row]),
+            "resized_hw": tuple(int(v) for v in self._resized_hw[row, z]),
+            "padded_hw": tuple(int(v) for v in self._padded_hw[row, z]),
             "status": int(self._status[row]),
         }
+
+    def status(self, image_id: int) -> int:
+        """The row's status: 0 not written, 1 committed, 2 unreadable at write time."""
+        return int(self._status[self.row(image_id)])
+
+    def _size_index(self, size: int | None) -> int:
+        try:
+            return self.layout.size_index(size)
+        except KeyError as exc:
+            raise KeyError(f"feature store {self.path}: {exc.args[0]}") from None
 
     def check_fingerprint(self, expected: dict) -> None:
         """Raise StoreMismatchError listing every fingerprint field in which the store differs."""
@@ -194,17 +212,19 @@ class TeacherFeatureStore:
 
     # ----------------------------------------------------------------- features
 
-    def read(self, image_id: int, flip: bool = False, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    def read(self, image_id: int, flip: bool = False, keys: Sequence[str] | None = None,
+             size: int | None = None) -> dict[str, torch.Tensor]:
         """Features of one image: level -> float32 (C, h_l, w_l), cropped to the valid size.
 
         flip=True serves the horizontally flipped image: the stored "hflip" view, or the mirrored
         "orig" view when the store was written with flip="mirror". keys: the stored maps to read
         (default all, `layout.stored_keys`); a student reads only what its method compares.
+        size: the short edge the image was resized to, one of `layout.sizes` (None: the store's only size).
         """
         import torch  # here, not at module level: the CLI and verify need no torch (saves ~2 s per start)
 
         row = self.row(image_id)
-        view = self._view_index(flip)
+        view = self._view_index(flip, size)
         result = self._read_rows([(row, view)], self._checked_keys(keys))[0]
         if isinstance(result, BaseException):
             raise result
@@ -217,7 +237,8 @@ class TeacherFeatureStore:
                     deltas[0::4] *= -1  # a mirrored box moves the other way: dx changes sign
         return tensors
 
-    def read_codes(self, image_id: int, flip: bool = False, keys: Sequence[str] | None = None) -> dict[str, StoredMap]:
+    def read_codes(self, image_id: int, flip: bool = False, keys: Sequence[str] | None = None,
+                   size: int | None = None) -> dict[str, StoredMap]:
         """What `read` returns, still in the stored representation: key -> StoredMap (cache/stored_map.py).
 
         A DataLoader worker sends these (1 byte per value for the int8 codecs, 2 for fp16) instead of float32,
@@ -229,7 +250,7 @@ class TeacherFeatureStore:
         from cache.stored_map import StoredMap
 
         row = self.row(image_id)
-        view = self._view_index(flip)
+        view = self._view_index(flip, size)
         keys = self._checked_keys(keys)
         out = self._read_rows([(row, view)], keys, decode=False)[0]
         if isinstance(out, BaseException):
@@ -255,16 +276,19 @@ class TeacherFeatureStore:
             raise KeyError(f"feature store {self.path} holds no {unknown}; it stores {list(self.layout.stored_keys)}")
         return tuple(keys)
 
-    def _view_index(self, flip: bool) -> int:
+    def _view_index(self, flip: bool, size: int | None = None) -> int:
+        """Index on the view axis of (size, flip): the size's "hflip" view when flips are stored, else its "orig"."""
+        z = self._size_index(size)
         if not flip:
-            return 0
+            return self.layout.view_index("orig", self.layout.sizes[z] if self.layout.sizes else None)
         if self.layout.flip == "none":
             raise ValueError(
                 f"feature store {self.path} was written with flip='none' and holds no features of flipped "
                 "images; turn off horizontal-flip augmentation for distilled images, or rebuild the store "
                 "with flip='mirror' or 'stored'"
             )
-        return self.layout.views.index("hflip") if self.layout.flip == "stored" else 0
+        flip_view = "hflip" if self.layout.flip == "stored" else "orig"
+        return self.layout.view_index(flip_view, self.layout.sizes[z] if self.layout.sizes else None)
 
     def entry_problem(self, image_id: int) -> str | None:
         """Why `image_id` cannot be served, from the metadata alone (None when it can)."""
@@ -315,7 +339,7 @@ class TeacherFeatureStore:
     async def _fetch(self, row: int, view: int, keys: tuple[str, ...]) -> dict[str, Any]:
         """Raw stored arrays (or the exception each read raised) for one (row, view), keyed by array name."""
         selections: dict[str, tuple] = {}
-        resized = self._resized_hw[row]
+        resized = self._resized_hw[row, self.layout.view_size_index(view)]
         for level in keys:
             h, w = self.layout.valid_hw(level, resized)
             selections[features_array(level)] = (row, view, slice(None), slice(0, h), slice(0, w))
@@ -371,7 +395,7 @@ class TeacherFeatureStore:
             for kind, name in suspects:
                 key = object_key(self._arrays[name], (shard, view, 0, 0, 0) if kind == "shard" else (shard, 0, 0))
                 if not sync(self._group.store.exists(key)):
-                    return missing_object_reason(level, self.layout.views[view], kind, key)
+                    return missing_object_reason(level, self.layout.view_name(view), kind, key)
         return None
 
     # ----------------------------------------------------------------- zarr handles
@@ -419,14 +443,23 @@ class TeacherFeatureStore:
         status = self._status
         done = status == STATUS_COMMITTED
         raw = 0
-        views = len(self.layout.views)
-        for level in self.layout.stored_keys:
-            stride = self.layout.stride(level)
-            h = np.ceil(self._resized_hw[done, 0] / stride)
-            w = np.ceil(self._resized_hw[done, 1] / stride)
-            raw += int(np.sum(h * w)) * self.layout.channels_of(level) * 4 * views
-        on_disk = url_bytes(self.path, self.storage_options) if is_url(self.path) else _directory_bytes(self.path)
+        layout = self.layout
+        for v in range(layout.num_views):
+            resized = self._resized_hw[done, layout.view_size_index(v)]
+            for level in layout.stored_keys:
+                stride = layout.stride(level)
+                h, w = np.ceil(resized[:, 0] / stride), np.ceil(resized[:, 1] / stride)
+                raw += int(np.sum(h * w)) * layout.channels_of(level) * 4
+        local = not is_url(self.path)
+        on_disk = _directory_bytes(self.path) if local else url_bytes(self.path, self.storage_options)
         images_done = int(np.count_nonzero(done))
+        # The feature shard objects of each view (features/<key>/c/<shard>/<view>/...): what one more view costs.
+        by_view = None
+        if local:
+            by_view = {layout.view_name(v): sum(_directory_bytes(os.path.join(self.path, features_array(key), "c", shard, str(v)))
+                                                for key in layout.stored_keys
+                                                for shard in _listdir(os.path.join(self.path, features_array(key), "c")))
+                       for v in range(layout.num_views)}
         return StoreInfo(
             path=self.path,
             dataset=self.dataset,
@@ -436,12 +469,17 @@ class TeacherFeatureStore:
             levels=list(self.layout.levels),
             rpn_anchors=self.layout.rpn_anchors,
             flip=self.layout.flip,
+            sizes=list(layout.sizes),
+            views=[layout.view_name(v) for v in range(layout.num_views)],
             images_total=len(self),
             images_done=images_done,
             images_failed=int(np.count_nonzero(status == STATUS_UNREADABLE)),
             images_pending=int(np.count_nonzero(status == STATUS_PENDING)),
             bytes_on_disk=on_disk,
             bytes_per_image=(on_disk / images_done) if images_done else None,
+            bytes_per_view=(on_disk / (images_done * layout.num_views)) if images_done and on_disk else None,
+            feature_bytes_per_image_by_view=({name: b / images_done for name, b in by_view.items()}
+                                             if by_view is not None and images_done else None),
             raw_fp32_bytes=raw,
             ratio_vs_fp32=(raw / on_disk) if on_disk else None,
             fingerprint_sha256=self.attrs.get("fingerprint_sha256") or fingerprint_sha256(self.fingerprint),
@@ -462,12 +500,16 @@ class StoreInfo:
     levels: list[str]
     rpn_anchors: int  # A; 0: no RPN outputs stored
     flip: str
+    sizes: list[int]  # short edges stored (format 3); []: one size, recorded only in the fingerprint (format 1-2)
+    views: list[str]  # the view axis, e.g. ["800/orig", "800/hflip", ...] ("orig", "hflip" without sizes)
     images_total: int
     images_done: int  # status 1
     images_failed: int  # status 2: unreadable at write time
     images_pending: int  # status 0: not written yet
     bytes_on_disk: int | None
     bytes_per_image: float | None  # per done image
+    bytes_per_view: float | None  # bytes on disk per done image and view (everything, side arrays included)
+    feature_bytes_per_image_by_view: dict[str, float] | None  # each view's feature shard objects per done image (local)
     raw_fp32_bytes: int  # the done images' stored maps as float32
     ratio_vs_fp32: float | None
     fingerprint_sha256: str
@@ -515,6 +557,13 @@ def load_rows_tolerant(arr: zarr.Array, name: str) -> tuple[np.ndarray, dict[int
 async def _gather(coroutines: list) -> list:
     # gather must run inside zarr's loop (sync() runs this coroutine there), not in the caller's thread.
     return await asyncio.gather(*coroutines)
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 def _directory_bytes(path: str) -> int:

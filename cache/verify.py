@@ -83,7 +83,7 @@ def verify_store(path: str, progress: bool = True, storage_options: Mapping | st
 
     layout = store.layout
     shard_size = layout.shard_images
-    num_views = len(layout.views)
+    num_views = layout.num_views
     committed = np.flatnonzero(status == STATUS_COMMITTED)
     with tqdm(total=len(committed), desc=f"verify {store.path}", unit="img", disable=not progress) as bar:
         for shard in np.unique(committed // shard_size):
@@ -100,11 +100,11 @@ def verify_store(path: str, progress: bool = True, storage_options: Mapping | st
                 if row in bad:
                     continue
                 if isinstance(result, StoreEntryError):
-                    bad[row] = f"view {layout.views[view]}: {result.reason}"
+                    bad[row] = f"view {layout.view_name(view)}: {result.reason}"
                     continue
-                problem = _content_problem(store, row, result)
+                problem = _content_problem(store, row, view, result)
                 if problem:
-                    bad[row] = f"view {layout.views[view]}: {problem}"
+                    bad[row] = f"view {layout.view_name(view)}: {problem}"
             bar.update(len(in_shard))
 
     report.bad = sorted((int(store.image_ids[row]), reason) for row, reason in bad.items())
@@ -116,8 +116,12 @@ def verify_store(path: str, progress: bool = True, storage_options: Mapping | st
 def _attribute_problems(store: TeacherFeatureStore) -> list[str]:
     attrs, layout = store.attrs, store.layout
     problems = [f"attribute {key!r} is missing" for key in REQUIRED_ATTRS if key not in attrs]
-    if attrs.get("views") is not None and list(attrs["views"]) != list(layout.views):
-        problems.append(f"attribute views is {attrs['views']}, but flip={layout.flip!r} implies {list(layout.views)}")
+    implied = layout.to_attrs()["views"]
+    if attrs.get("views") is not None and list(attrs["views"]) != implied:
+        problems.append(f"attribute views is {attrs['views']}, but flip={layout.flip!r} and sizes {list(layout.sizes)} "
+                        f"imply {implied}")
+    if layout.sizes and attrs.get("format_version") != 3:
+        problems.append(f"attribute sizes is recorded, but format_version is {attrs.get('format_version')}, expected 3")
     if attrs.get("num_images") != len(store.image_ids):
         problems.append(f"attribute num_images is {attrs.get('num_images')}, but image_id has {len(store.image_ids)} rows")
     if "fingerprint_sha256" in attrs and attrs["fingerprint_sha256"] != fingerprint_sha256(store.fingerprint):
@@ -129,12 +133,14 @@ def _attribute_problems(store: TeacherFeatureStore) -> list[str]:
 
 def _array_problems(store: TeacherFeatureStore) -> list[str]:
     layout, n = store.layout, len(store.image_ids)
-    views, channels = len(layout.views), layout.channels
+    views, channels = layout.num_views, layout.channels
+    per_size = (n, layout.num_sizes, 2) if layout.sizes else (n, 2)
     expected: dict[str, tuple[tuple[int, ...], str]] = {
         IMAGE_ID: ((n,), "int64"),
         STATUS: ((n,), "uint8"),
         ERROR: ((n,), ""),
-        **{name: ((n, 2), "int32") for name in (ORIG_HW, RESIZED_HW, PADDED_HW)},
+        ORIG_HW: ((n, 2), "int32"),
+        **{name: (per_size, "int32") for name in (RESIZED_HW, PADDED_HW)},
     }
     for level in layout.stored_keys:
         channels = layout.channels_of(level)
@@ -172,9 +178,11 @@ def _failed_attr_problems(store: TeacherFeatureStore, status: np.ndarray) -> lis
 
 def _size_problem(store: TeacherFeatureStore, row: int) -> str | None:
     max_h, max_w = store.layout.max_hw
-    rh, rw = (int(v) for v in store._resized_hw[row])
-    if not (0 < rh <= max_h and 0 < rw <= max_w):
-        return f"recorded resized size {(rh, rw)} is outside 1..max_hw {store.layout.max_hw}"
+    for z, resized in enumerate(store._resized_hw[row]):
+        rh, rw = (int(v) for v in resized)
+        if not (0 < rh <= max_h and 0 < rw <= max_w):
+            at = f" at short edge {store.layout.sizes[z]}" if store.layout.sizes else ""
+            return f"recorded resized size {(rh, rw)}{at} is outside 1..max_hw {store.layout.max_hw}"
     if min(int(v) for v in store._orig_hw[row]) <= 0:
         return f"recorded original size {tuple(int(v) for v in store._orig_hw[row])} is not positive"
     return None
@@ -189,7 +197,8 @@ def _missing_shard_objects(store: TeacherFeatureStore, shard: int, rows: list[in
     kinds = (("shard", features_array),) + ((("scale", scale_array), ("offset", offset_array))
                                              if store.codec.quantised else ())
     for level in layout.stored_keys:
-        for view, view_name in enumerate(layout.views):
+        for view in range(layout.num_views):
+            view_name = layout.view_name(view)
             for kind, name in kinds:
                 coords = (shard, view, 0, 0, 0) if kind == "shard" else (shard, 0, 0)
                 key = object_key(store._array(name(level)), coords)
@@ -198,10 +207,11 @@ def _missing_shard_objects(store: TeacherFeatureStore, shard: int, rows: list[in
     return {}
 
 
-def _content_problem(store: TeacherFeatureStore, row: int, decoded: dict[str, np.ndarray]) -> str | None:
+def _content_problem(store: TeacherFeatureStore, row: int, view: int, decoded: dict[str, np.ndarray]) -> str | None:
     layout = store.layout
+    resized = store._resized_hw[row, layout.view_size_index(view)]
     for level, x in decoded.items():
-        expected = (layout.channels_of(level), *layout.valid_hw(level, store._resized_hw[row]))
+        expected = (layout.channels_of(level), *layout.valid_hw(level, resized))
         if x.shape != expected:
             return f"{level} has shape {x.shape}, expected {expected} from the recorded resized size"
         if not np.isfinite(x).all():

@@ -12,7 +12,7 @@ import queue
 import shutil
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
@@ -24,7 +24,6 @@ from zarr.core.sync import sync
 from cache.format import (
     ERROR,
     FORMAT_NAME,
-    FORMAT_VERSION,
     READABLE_FORMAT_VERSIONS,
     IMAGE_ID,
     ORIG_HW,
@@ -57,14 +56,50 @@ class ImageEntry:
 
     features: view -> level -> float32 (C, h_l, w_l), already cropped to the level's valid size
     (ceil(resized / stride)); None when the image could not be read, with the reason in `error`.
+    A view is a (short edge, flip view) pair such as (800, "hflip"), or the flip view name alone
+    ("orig", "hflip") in a layout of one size. resized_hw and padded_hw are {short edge: (h, w)} with
+    several sizes, or one (h, w) for a layout of one size.
     """
 
     image_id: int
     orig_hw: tuple[int, int]
-    resized_hw: tuple[int, int]
-    padded_hw: tuple[int, int]
-    features: dict[str, dict[str, np.ndarray]] | None
+    resized_hw: tuple[int, int] | dict[int, tuple[int, int]]
+    padded_hw: tuple[int, int] | dict[int, tuple[int, int]]
+    features: dict[Any, dict[str, np.ndarray]] | None
     error: str | None = None
+
+    def hw_per_size(self, name: str, layout: StoreLayout) -> np.ndarray:
+        """resized_hw or padded_hw as int32 (Z, 2), one row per size of the layout (zeros when unreadable)."""
+        value = getattr(self, name)
+        if self.features is None:  # unreadable: no sizes
+            return np.zeros((layout.num_sizes, 2), np.int32)
+        if isinstance(value, Mapping):
+            if not layout.sizes and len(value) == 1:  # a format 2 store: one size, not recorded in the layout
+                return np.array([tuple(v) for v in value.values()], np.int32).reshape(1, 2)
+            if sorted(int(k) for k in value) != list(layout.sizes):
+                raise ValueError(f"image {self.image_id}: {name} has sizes {sorted(value)}, the store holds "
+                                 f"{list(layout.sizes)}")
+            return np.array([tuple(value[s]) for s in layout.sizes], np.int32).reshape(-1, 2)
+        if layout.num_sizes != 1:
+            raise ValueError(f"image {self.image_id}: {name} is one (h, w), but the store holds short edges "
+                             f"{list(layout.sizes)}; give {{short edge: (h, w)}}")
+        return np.array([tuple(value or (0, 0))], np.int32).reshape(1, 2)
+
+    def view_features(self, layout: StoreLayout) -> list[dict[str, np.ndarray]]:
+        """The features of every view of the layout, in view-axis order; ValueError naming the views otherwise."""
+        given = {}
+        for key, per_level in (self.features or {}).items():
+            size, flip = (None, key) if isinstance(key, str) else (key[0], key[1])
+            try:
+                given[layout.view_index(flip, size)] = per_level
+            except (KeyError, ValueError):
+                given[-1] = per_level  # reported below with the expected views
+        if sorted(given) != list(range(layout.num_views)):
+            raise ValueError(
+                f"image {self.image_id}: has views {sorted(map(str, self.features or {}))}, but the store "
+                f"(flip={layout.flip!r}, sizes {list(layout.sizes)}) stores exactly {[str(v) for v in layout.views]}"
+            )
+        return [given[v] for v in range(layout.num_views)]
 
 
 class TeacherFeatureWriter:
@@ -121,6 +156,7 @@ class TeacherFeatureWriter:
                 _delete_store(path, options)
             else:
                 group = zarr.open_group(store=zarr_store(path, options), mode="r+")
+                layout = _resumed_layout(attrs, layout)
                 differences = _differences(attrs, group, layout, ids, dataset, fingerprint)
                 if differences:
                     raise StoreMismatchError(path, differences)
@@ -177,9 +213,12 @@ class TeacherFeatureWriter:
         written = 0
         for level in self.layout.stored_keys:
             written += self._write_level(shard, rows, level, entries)
-        for name in SIZE_ARRAYS:
-            values = np.array([getattr(e, name) or (0, 0) for e in entries], dtype=np.int32).reshape(len(rows), 2)
-            self._array(name)[rows.start : rows.stop] = values
+        self._array(ORIG_HW)[rows.start : rows.stop] = np.array(
+            [e.orig_hw or (0, 0) for e in entries], dtype=np.int32).reshape(len(rows), 2)
+        for name in (RESIZED_HW, PADDED_HW):
+            values = np.stack([e.hw_per_size(name, self.layout) for e in entries])  # (n, Z, 2)
+            array = self._array(name)
+            array[rows.start : rows.stop] = values.reshape((len(rows),) + tuple(array.shape[1:]))
         errors = np.array([(e.error or "") if e.features is None else "" for e in entries], dtype=str)
         self._array(ERROR)[rows.start : rows.stop] = errors
         marks = [STATUS_COMMITTED if e.features is not None else STATUS_UNREADABLE for e in entries]
@@ -234,18 +273,22 @@ class TeacherFeatureWriter:
                 continue
             if entry.error:
                 raise ValueError(f"{where}: has features and an error ({entry.error!r}); give one or the other")
-            resized = tuple(int(v) for v in entry.resized_hw)
-            if min(resized) <= 0 or resized[0] > layout.max_hw[0] or resized[1] > layout.max_hw[1]:
-                raise ValueError(
-                    f"{where}: resized size {resized} is not within 1..max_hw {layout.max_hw}; "
-                    "build the store with a larger max_hw"
-                )
-            if sorted(entry.features) != sorted(layout.views):
-                raise ValueError(
-                    f"{where}: has views {sorted(entry.features)}, but flip={layout.flip!r} stores exactly "
-                    f"{list(layout.views)}"
-                )
-            for view, per_level in entry.features.items():
+            try:
+                resized_per_size = entry.hw_per_size(RESIZED_HW, layout)
+                entry.hw_per_size(PADDED_HW, layout)
+                views = entry.view_features(layout)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {str(exc).split(': ', 1)[1]}") from None
+            for resized in resized_per_size:
+                resized = tuple(int(v) for v in resized)
+                if min(resized) <= 0 or resized[0] > layout.max_hw[0] or resized[1] > layout.max_hw[1]:
+                    raise ValueError(
+                        f"{where}: resized size {resized} is not within 1..max_hw {layout.max_hw}; "
+                        "build the store with a larger max_hw"
+                    )
+            for v, per_level in enumerate(views):
+                view = layout.view_name(v)
+                resized = tuple(int(x) for x in resized_per_size[layout.view_size_index(v)])
                 if sorted(per_level) != sorted(layout.stored_keys):
                     raise ValueError(f"{where}, view {view}: has levels {sorted(per_level)}, expected {list(layout.stored_keys)}")
                 for level, x in per_level.items():
@@ -266,41 +309,44 @@ class TeacherFeatureWriter:
         keys = [object_key(self._array(STATUS), (shard,))]
         for level in self.layout.stored_keys:
             features = self._array(features_array(level))
-            keys += [object_key(features, (shard, v, 0, 0, 0)) for v in range(len(self.layout.views))]
+            keys += [object_key(features, (shard, v, 0, 0, 0)) for v in range(self.layout.num_views)]
             if self._codec.quantised:
                 keys += [object_key(self._array(name(level)), (shard, 0, 0)) for name in (scale_array, offset_array)]
-        keys += [object_key(self._array(name), (shard, 0)) for name in SIZE_ARRAYS]
+        keys += [object_key(self._array(name), (shard,) + (0,) * (self._array(name).ndim - 1)) for name in SIZE_ARRAYS]
         keys.append(object_key(self._array(ERROR), (shard,)))
         store = self._group.store
         for key in keys:
             sync(store.delete(key))
 
     def _write_level(self, shard: int, rows: range, level: str, entries: list[ImageEntry]) -> int:
-        """Encode and write one level of a shard, one zarr write per view over the rows' bounding box."""
+        """Encode and write one level of a shard, one zarr write per view over the rows' bounding box at its size."""
         layout, codec = self.layout, self._codec
         tile_h, tile_w = layout.tile_hw(level)
-        sizes = [layout.valid_hw(level, e.resized_hw) if e.features is not None else (0, 0) for e in entries]
-        box_h = _round_up(max(h for h, _ in sizes), tile_h)
-        box_w = _round_up(max(w for _, w in sizes), tile_w)
+        resized = [e.hw_per_size(RESIZED_HW, layout) if e.features is not None else None for e in entries]
+        views = [e.view_features(layout) if e.features is not None else None for e in entries]
         features = self._array(features_array(level))
         n, channels = len(rows), layout.channels_of(level)
         step_scale = layout.step_scale(level)
-        scale = np.zeros((n, len(layout.views), channels), np.float32)
+        scale = np.zeros((n, layout.num_views, channels), np.float32)
         offset = np.zeros_like(scale)
         written = 0
-        for v, view in enumerate(layout.views):
+        for v in range(layout.num_views):
+            z = layout.view_size_index(v)
+            sizes = [layout.valid_hw(level, r[z]) if r is not None else (0, 0) for r in resized]
+            box_h = _round_up(max(h for h, _ in sizes), tile_h)
+            box_w = _round_up(max(w for _, w in sizes), tile_w)
             if box_h == 0 or box_w == 0:
                 continue  # every row unreadable: nothing to store
             block = np.zeros((n, channels, box_h, box_w), dtype=codec.dtype)
             for i, entry in enumerate(entries):
-                if entry.features is None:
+                if views[i] is None:
                     continue
                 h, w = sizes[i]
-                x = np.asarray(entry.features[view][level], dtype=np.float32)
+                x = np.asarray(views[i][v][level], dtype=np.float32)
                 try:
                     params = codec.encode_into(x, block[i, :, :h, :w], step_scale)
                 except ValueError as exc:
-                    raise ValueError(f"image {entry.image_id}, {view}/{level}: {exc}") from None
+                    raise ValueError(f"image {entry.image_id}, {layout.view_name(v)}/{level}: {exc}") from None
                 if params is not None:
                     scale[i, v], offset[i, v] = params.scale, params.offset
             # Zarr stores no object for a shard of fill values (all-zero codes: constant or zero maps); write
@@ -360,10 +406,11 @@ def _create_store(path: str, layout: StoreLayout, ids: np.ndarray, dataset: str,
                   options: dict | None = None) -> zarr.Group:
     """Create group and arrays; the full attributes (with `created`) are written last to mark success."""
     group = zarr.open_group(
-        store=zarr_store(path, options), mode="w", attributes={"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+        store=zarr_store(path, options), mode="w",
+        attributes={"format": FORMAT_NAME, "format_version": layout.format_version},
     )
     codec = layout.feature_codec
-    n, rows, views, channels = len(ids), layout.shard_images, len(layout.views), layout.channels
+    n, rows, views, channels = len(ids), layout.shard_images, layout.num_views, layout.channels
     checksum = [Crc32cCodec()]
     for level in layout.stored_keys:
         channels = layout.channels_of(level)
@@ -388,8 +435,12 @@ def _create_store(path: str, layout: StoreLayout, ids: np.ndarray, dataset: str,
                     compressors=checksum, fill_value=0, dimension_names=FEATURE_DIMS[:3],
                 )
     group.create_array(IMAGE_ID, shape=(n,), dtype="int64", chunks=(rows,), compressors=checksum, fill_value=0)
-    for name in (ORIG_HW, RESIZED_HW, PADDED_HW):
-        group.create_array(name, shape=(n, 2), dtype="int32", chunks=(rows, 2), compressors=checksum, fill_value=0)
+    group.create_array(ORIG_HW, shape=(n, 2), dtype="int32", chunks=(rows, 2), compressors=checksum, fill_value=0)
+    # One (h, w) per size (format 3: (N, Z, 2)); format 2 has one size and (N, 2).
+    per_size = (layout.num_sizes, 2) if layout.sizes else (2,)
+    for name in (RESIZED_HW, PADDED_HW):
+        group.create_array(name, shape=(n, *per_size), dtype="int32", chunks=(rows, *per_size), compressors=checksum,
+                           fill_value=0)
     group.create_array(ERROR, shape=(n,), dtype=str, chunks=(rows,), compressors=checksum, fill_value="")
     group.create_array(STATUS, shape=(n,), dtype="uint8", chunks=(rows,), compressors=checksum, fill_value=0)
     group[IMAGE_ID][:] = ids  # the row plan, known up front; a resume compares it
@@ -406,13 +457,22 @@ def _create_store(path: str, layout: StoreLayout, ids: np.ndarray, dataset: str,
     return group
 
 
+def _resumed_layout(attrs: dict, layout: StoreLayout) -> StoreLayout:
+    """The layout a resume writes: the requested one, or for a format 1-2 store (one size, not recorded in its
+    layout) and a one-size request, that request without its size. The fingerprint's resize rule names the size,
+    so a store of another size is still refused, by its fingerprint."""
+    if attrs.get("format_version") in (1, 2) and len(layout.sizes) == 1 and "sizes" not in attrs:
+        return replace(layout, sizes=())
+    return layout
+
+
 def _differences(
     attrs: dict, group: zarr.Group, layout: StoreLayout, ids: np.ndarray, dataset: str, fingerprint: dict
 ) -> list[str]:
     """Every field in which the existing store differs from the requested one."""
     lines = []
     if attrs.get("format_version") not in READABLE_FORMAT_VERSIONS:
-        lines.append(f"format_version: store has {attrs.get('format_version')}, expected {FORMAT_VERSION}")
+        lines.append(f"format_version: store has {attrs.get('format_version')}, expected {layout.format_version}")
     lines += diff_layout_attrs(layout.to_attrs(), attrs)
     if attrs.get("dataset") != dataset:
         lines.append(f"dataset: store has {attrs.get('dataset')!r}, expected {dataset!r}")

@@ -84,6 +84,9 @@ def add_distill_config(cfg: CN) -> None:
     _C.DISTILL.CACHE.SHARD_IMAGES = 16
     # Spatial size of the inner chunks inside a shard.
     _C.DISTILL.CACHE.TILE = 64
+    # Short edges the store holds: a subset of INPUT.MIN_SIZE_TRAIN (choice sampling).
+    # (): all of them. The student's other sizes train without loss_kd (docs/store-format.md, 3a).
+    _C.DISTILL.CACHE.SIZES = ()
     # Also store the teacher's RPN objectness logits and box deltas per level.
     # Method kd needs them; the feature methods read none.
     _C.DISTILL.CACHE.RPN = False

@@ -23,7 +23,8 @@ class TeacherPlan:
         teacher_cfg: the teacher's config (DISTILL.CFG_T) on the student's device, MODEL.WEIGHTS = weights.
         weights: the teacher's weights (DISTILL.PATH_T): detectron2:// URL, .pkl or .pth.
         input_format: the teacher's INPUT.FORMAT (images are converted to it).
-        resize: the store's deterministic resize rule (the student's training resize).
+        resize: the store's resize rule: ResizeShortestEdge at each stored short edge (`store_sizes`).
+        train_sizes: INPUT.MIN_SIZE_TRAIN, the short edges the student samples (`choice`).
         levels, strides: the distilled FPN levels and their strides.
         size_divisibility: the teacher's input padding multiple.
         codec, flip: DISTILL.CACHE.CODEC and FLIP.
@@ -36,6 +37,7 @@ class TeacherPlan:
     weights: str
     input_format: str
     resize: dict
+    train_sizes: tuple[int, ...]
     levels: tuple[str, ...]
     strides: tuple[int, ...]
     size_divisibility: int
@@ -56,11 +58,19 @@ class TeacherPlan:
         strides, divisibility = teacher_geometry(cfg_t, cfg.DISTILL.LEVELS)
         return cls(
             teacher_cfg=cfg_t, weights=cfg.DISTILL.PATH_T, input_format=cfg_t.INPUT.FORMAT, resize=store_resize(cfg),
+            train_sizes=tuple(int(v) for v in cfg.INPUT.MIN_SIZE_TRAIN),
             levels=tuple(cfg.DISTILL.LEVELS), strides=tuple(strides), size_divisibility=divisibility,
             codec=cfg.DISTILL.CACHE.CODEC, flip=cfg.DISTILL.CACHE.FLIP, rpn=bool(cfg.DISTILL.CACHE.RPN),
             datasets=tuple(cfg.DATASETS.TRAIN), store_path=cfg.DISTILL.CACHE.PATH,
             storage_options=dict(cfg.DISTILL.CACHE.STORAGE_OPTIONS),
         )
+
+    @property
+    def store_sizes(self) -> tuple[int, ...]:
+        """The short edges the store holds, ascending."""
+        from pipeline.teacher import rule_sizes
+
+        return rule_sizes(self.resize)
 
     @functools.cached_property
     def fingerprint(self) -> dict:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline import distributed
 from pipeline.plan import TeacherPlan
-from pipeline.teacher import TeacherFeatureExtractor, hflip_image, resize_augmentation
+from pipeline.teacher import TeacherFeatureExtractor, hflip_image, resize_augmentation, rule_sizes
 from cache import BackgroundShardWriter, ImageEntry, StoreLayout, TeacherFeatureWriter
 from cache.lock import writer_lock
 from detectron2.data import DatasetCatalog
@@ -46,11 +46,15 @@ def training_images(dataset_names) -> list[dict]:
 
 
 class ResizedImages(Dataset):
-    """Reads and resizes images in DataLoader workers exactly as the student's mapper will."""
+    """Reads and resizes images in DataLoader workers exactly as the student's mapper will, at every stored size.
+
+    An item holds `images`: {short edge: (orig, hflip) uint8 CHW tensors}; `image` and `image_hflip` are those
+    of the first size (all there is for a rule of one size).
+    """
 
     def __init__(self, dicts: list[dict], rows: list[int], rule: dict, input_format: str):
         self.dicts, self.rows, self.format = dicts, rows, input_format
-        self.resize = resize_augmentation(rule)
+        self.resizes = {size: resize_augmentation(rule, size) for size in rule_sizes(rule)}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -64,10 +68,13 @@ class ResizedImages(Dataset):
         except Exception as e:  # an unreadable image is recorded in the store, the run goes on
             item["error"] = describe_read_error(e)
             return item
-        resized = self.resize.get_transform(image).apply_image(image)
         item["orig_hw"] = tuple(image.shape[:2])
-        item["image"] = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        item["image_hflip"] = torch.as_tensor(np.ascontiguousarray(hflip_image(resized).transpose(2, 0, 1)))
+        item["images"] = {}
+        for size, resize in self.resizes.items():
+            resized = resize.get_transform(image).apply_image(image)
+            item["images"][size] = (torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))),
+                                    torch.as_tensor(np.ascontiguousarray(hflip_image(resized).transpose(2, 0, 1))))
+        item["image"], item["image_hflip"] = next(iter(item["images"].values()))
         return item
 
 
@@ -108,10 +115,11 @@ def _cache_teacher_locked(cfg, overwrite: bool, plan: TeacherPlan) -> dict:
     extractor = TeacherFeatureExtractor.from_config(plan, rpn=plan.rpn)
     if len(set(extractor.channels)) != 1:
         raise ValueError(f"the store needs one channel count for every level; the teacher has {extractor.channels}")
-    max_side = _padded((max(rule["max_size"], rule["short_edge"]),) * 2, extractor.size_divisibility)
+    sizes = plan.store_sizes
+    max_side = _padded((max(rule["max_size"], *sizes),) * 2, extractor.size_divisibility)
     layout = StoreLayout(
         levels=tuple(extractor.levels), strides=tuple(extractor.strides), channels=extractor.channels[0],
-        codec=plan.codec, flip=plan.flip, max_hw=max_side,
+        codec=plan.codec, flip=plan.flip, max_hw=max_side, sizes=sizes,
         shard_images=cfg.DISTILL.CACHE.SHARD_IMAGES, tile=cfg.DISTILL.CACHE.TILE, rpn_anchors=extractor.rpn_anchors,
     )
     def open_writer(overwrite: bool) -> TeacherFeatureWriter:
@@ -126,11 +134,12 @@ def _cache_teacher_locked(cfg, overwrite: bool, plan: TeacherPlan) -> dict:
     writer = writer or open_writer(False)
     shards = writer.pending_shards(rank, world)
     rows = [r for s in shards for r in writer.shard_rows(s)]
-    logger.info("store %s: %d of %d shards to write (%d images) on rank %d of %d, codec %s, flip %s",
-                cfg.DISTILL.CACHE.PATH, len(shards), writer.num_shards, len(rows), rank, world, layout.codec, layout.flip)
+    logger.info("store %s: %d of %d shards to write (%d images) on rank %d of %d, codec %s, flip %s, short edges %s",
+                cfg.DISTILL.CACHE.PATH, len(shards), writer.num_shards, len(rows), rank, world, layout.codec, layout.flip,
+                list(sizes))
     loader = DataLoader(ResizedImages(dicts, rows, rule, plan.input_format), batch_size=None, shuffle=False,
                         num_workers=cfg.DATALOADER.NUM_WORKERS)
-    views = layout.views
+    flips = layout.flip_views
     start = time.perf_counter()
     infer_seconds, failed, bytes_written = 0.0, {}, 0
     bar = tqdm(total=len(rows), unit="img", desc="cache-teacher", dynamic_ncols=True, disable=rank != 0)
@@ -145,15 +154,15 @@ def _cache_teacher_locked(cfg, overwrite: bool, plan: TeacherPlan) -> dict:
                 entry = ImageEntry(int(item["image_id"]), (0, 0), (0, 0), (0, 0), None, item["error"])
             else:
                 t0 = time.perf_counter()
-                features = {}
-                for view in views:
-                    image = item["image"] if view == "orig" else item["image_hflip"]
-                    out = extractor(image)
-                    features[view] = {k: v.float().cpu().numpy() for k, v in out.items()}
+                features, resized = {}, {}
+                for size, (orig, hflip) in item["images"].items():  # every (size, flip) view of the image
+                    resized[size] = tuple(orig.shape[-2:])
+                    for view in flips:
+                        out = extractor(orig if view == "orig" else hflip)
+                        features[(size, view)] = {k: v.float().cpu().numpy() for k, v in out.items()}
                 infer_seconds += time.perf_counter() - t0
-                resized = tuple(item["image"].shape[-2:])
                 entry = ImageEntry(int(item["image_id"]), tuple(item["orig_hw"]), resized,
-                                   _padded(resized, extractor.size_divisibility), features)
+                                   {s: _padded(hw, extractor.size_divisibility) for s, hw in resized.items()}, features)
             pending.append(entry)
             bar.update(1)
             if len(pending) == len(writer.shard_rows(current)):
@@ -180,7 +189,8 @@ def _cache_teacher_locked(cfg, overwrite: bool, plan: TeacherPlan) -> dict:
         "teacher_seconds": round(infer_seconds, 2),  # summed over processes
         "images_per_second": round(images / wall, 3) if wall > 0 else None,
         "teacher_images_per_second": round(images / infer_seconds, 3) if infer_seconds > 0 else None,
-        "codec": layout.codec, "flip": layout.flip, "path": cfg.DISTILL.CACHE.PATH,
+        "codec": layout.codec, "flip": layout.flip, "sizes": list(sizes), "views": layout.num_views,
+        "path": cfg.DISTILL.CACHE.PATH,
         "failed_this_run": {str(k): v for k, v in failed.items()},  # image id -> why it was unreadable
     }
     writer.finalize(summary)

@@ -44,7 +44,8 @@ def check_store(cfg, plan: TeacherPlan | None = None) -> StoreInfo:
     if not Path(path).exists() and "://" not in path:
         raise FileNotFoundError(f"teacher-feature store {path} does not exist: build it first (make cache-teacher)")
     store = TeacherFeatureStore(path, cfg.DISTILL.CACHE.STORAGE_OPTIONS)
-    plan = plan or TeacherPlan.from_config(cfg)  # refuses multi-scale training with the values to change
+    plan = plan or TeacherPlan.from_config(cfg)  # refuses range sampling and crops with the values to change
+    _check_sizes(path, store, plan)
     store.check_fingerprint(plan.fingerprint)
     if store.layout.flip == "none" and cfg.INPUT.RANDOM_FLIP != "none":
         raise StoreMismatchError(f"store {path} was built with DISTILL.CACHE.FLIP none (no flipped view), but the "
@@ -70,6 +71,22 @@ def check_store(cfg, plan: TeacherPlan | None = None) -> StoreInfo:
     logger.info("distillation from store %s (fingerprint %s, %d images, codec %s)", path,
                 info.fingerprint_sha256[:16], info.images_done, info.codec)
     return info
+
+
+def _check_sizes(path: str, store: TeacherFeatureStore, plan: TeacherPlan) -> None:
+    """Refuse a store that lacks a short edge the student is to distil at, naming it and the two ways out."""
+    from pipeline.teacher import rule_sizes
+
+    held = store.layout.sizes or rule_sizes(store.fingerprint.get("resize", {}))  # format 1-2: the fingerprint's
+    missing = sorted(set(plan.store_sizes) - set(held))
+    if not missing:
+        return
+    subset = tuple(s for s in plan.train_sizes if s in held)
+    alternative = (f", or set DISTILL.CACHE.SIZES {subset} to distil at the stored sizes only (the others train "
+                   "without loss_kd)") if subset else ""
+    raise StoreMismatchError(f"store {path} holds short edges {list(held)} but lacks {missing}, which the student "
+                             f"samples (INPUT.MIN_SIZE_TRAIN {plan.train_sizes}): rebuild it (make cache-teacher "
+                             f"OVERWRITE=1){alternative}")
 
 
 def _apply_bad_entry_policy(policy: str, store: TeacherFeatureStore) -> None:

@@ -66,26 +66,55 @@ def build_teacher(plan: TeacherPlan | CfgNode) -> torch.nn.Module:
 
 
 def store_resize(cfg: CfgNode) -> dict:
-    """The student's deterministic training resize, which the store's features are computed at.
+    """The student's training resize rule, which the store's features are computed at (one view set per size).
 
-    A store holds one resize per image, so multi-scale training and random crops are refused
-    here with the values to change, instead of silently misaligning features.
+    With `choice` sampling the inputs are finite: the store holds every short edge of INPUT.MIN_SIZE_TRAIN, or
+    the subset DISTILL.CACHE.SIZES names (the student's other sizes then train without loss_kd). `range`
+    sampling and random crops are refused here with the values to change, instead of silently misaligning
+    features. One size is recorded as formats 1-2 recorded it (`short_edge`), so stores built before stay valid.
     """
-    sizes = tuple(cfg.INPUT.MIN_SIZE_TRAIN)
-    if len(sizes) != 1 or cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING != "choice":
+    sizes = tuple(int(s) for s in cfg.INPUT.MIN_SIZE_TRAIN)
+    sampling = cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
+    live = cfg.DISTILL.SOURCE == "live"  # the live teacher runs on whatever input the student gets
+    if sampling == "range" and not live:
+        low, high = min(sizes), max(sizes)
+        choice = tuple(range(low, high + 1, 32)) if high > low else (low,)
         raise ValueError(
-            f"the teacher-feature store serves one training resize, but INPUT.MIN_SIZE_TRAIN={sizes} with "
-            f"MIN_SIZE_TRAIN_SAMPLING={cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING!r} asks for multi-scale training; "
-            f"set INPUT.MIN_SIZE_TRAIN to one size, e.g. ({max(sizes)},), or use DISTILL.SOURCE live"
+            f"INPUT.MIN_SIZE_TRAIN_SAMPLING 'range' samples any short edge in [{low}, {high}], which a teacher-feature "
+            f"store cannot hold; use 'choice' over a list, e.g. INPUT.MIN_SIZE_TRAIN {choice} "
+            "INPUT.MIN_SIZE_TRAIN_SAMPLING choice (detectron2's 1x recipe), or DISTILL.SOURCE live"
         )
-    if cfg.INPUT.CROP.ENABLED:
+    if cfg.INPUT.CROP.ENABLED and not live:
         raise ValueError("INPUT.CROP.ENABLED=True crops at random, which a store cannot serve; disable it or use DISTILL.SOURCE live")
-    return {"type": "ResizeShortestEdge", "short_edge": int(sizes[0]), "max_size": int(cfg.INPUT.MAX_SIZE_TRAIN), "interp": "bilinear"}
+    stored = tuple(int(s) for s in cfg.DISTILL.CACHE.SIZES) or sizes
+    extra = sorted(set(stored) - set(sizes))
+    if extra and sampling == "choice":
+        raise ValueError(f"DISTILL.CACHE.SIZES {tuple(cfg.DISTILL.CACHE.SIZES)} names short edges {extra} that "
+                         f"INPUT.MIN_SIZE_TRAIN {sizes} never samples; choose a subset of INPUT.MIN_SIZE_TRAIN, or () for all")
+    stored = tuple(sorted(set(stored)))
+    rule = {"type": "ResizeShortestEdge", "max_size": int(cfg.INPUT.MAX_SIZE_TRAIN), "interp": "bilinear"}
+    if len(stored) == 1:
+        return {"type": rule["type"], "short_edge": stored[0], **rule}
+    return {**rule, "short_edges": list(stored), "sample_style": sampling}
 
 
-def resize_augmentation(rule: dict) -> T.Augmentation:
-    """The detectron2 augmentation that implements a recorded resize rule."""
-    return T.ResizeShortestEdge(rule["short_edge"], rule["max_size"], sample_style="choice")
+def rule_sizes(rule: dict) -> tuple[int, ...]:
+    """The short edges of a resize rule, ascending (one for a rule recorded with `short_edge`)."""
+    if "short_edges" in rule:
+        return tuple(int(s) for s in rule["short_edges"])
+    return (int(rule["short_edge"]),) if "short_edge" in rule else ()
+
+
+def resize_augmentation(rule: dict, size: int | None = None) -> T.Augmentation:
+    """The deterministic detectron2 resize of a recorded rule at one of its short edges (None: its only one)."""
+    sizes = rule_sizes(rule)
+    if size is None:
+        if len(sizes) != 1:
+            raise ValueError(f"the resize rule holds short edges {list(sizes)}; name the one to resize to")
+        size = sizes[0]
+    if size not in sizes:
+        raise ValueError(f"short edge {size} is not in the resize rule's {list(sizes)}")
+    return T.ResizeShortestEdge(size, rule["max_size"], sample_style="choice")
 
 
 def teacher_geometry(cfg_t: CfgNode, levels) -> tuple[list[int], int]:

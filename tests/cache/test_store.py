@@ -633,9 +633,10 @@ def test_cli_info_json_prints_the_summary_fields(tmp_path):
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert list(info) == [
-        "path", "dataset", "codec", "predictor", "format_version", "levels", "rpn_anchors", "flip", "images_total",
-        "images_done", "images_failed", "images_pending", "bytes_on_disk", "bytes_per_image", "raw_fp32_bytes",
-        "ratio_vs_fp32", "fingerprint_sha256", "created", "finalized",
+        "path", "dataset", "codec", "predictor", "format_version", "levels", "rpn_anchors", "flip", "sizes", "views",
+        "images_total", "images_done", "images_failed", "images_pending", "bytes_on_disk", "bytes_per_image",
+        "bytes_per_view", "feature_bytes_per_image_by_view", "raw_fp32_bytes", "ratio_vs_fp32", "fingerprint_sha256",
+        "created", "finalized",
     ]
     assert info["images_done"] == len(IDS) and info["bytes_on_disk"] > 0
     table = run_cli("info", str(tmp_path / "s"))

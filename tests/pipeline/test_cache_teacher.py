@@ -83,9 +83,3 @@ def test_a_store_for_other_teacher_weights_is_refused_naming_the_field(tmp_path,
     cfg = make_student_cfg(tmp_path, other, "DISTILL.CACHE.PATH", tiny_store["path"])
     with pytest.raises(StoreMismatchError, match="teacher_weights_sha256"):
         cache_teacher(cfg)
-
-
-def test_multi_scale_training_is_refused_with_the_values_to_change(student_cfg):
-    cfg = student_cfg("INPUT.MIN_SIZE_TRAIN", (96, 128))
-    with pytest.raises(ValueError, match="MIN_SIZE_TRAIN"):
-        store_resize(cfg)

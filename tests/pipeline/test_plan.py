@@ -39,7 +39,10 @@ def test_the_plan_holds_what_the_fingerprint_records(tiny_teacher, tmp_path):
     assert plan.fingerprint is fp  # computed once per plan
 
 
-def test_a_multi_scale_student_is_refused_when_the_plan_is_resolved(tiny_teacher, tmp_path):
-    cfg = make_student_cfg(tmp_path, tiny_teacher, "INPUT.MIN_SIZE_TRAIN", (112, 128))
-    with pytest.raises(ValueError, match=r"MIN_SIZE_TRAIN=\(112, 128\)"):
+def test_range_sampling_is_refused_and_choice_sizes_resolve_when_the_plan_is_resolved(tiny_teacher, tmp_path):
+    cfg = make_student_cfg(tmp_path, tiny_teacher, "INPUT.MIN_SIZE_TRAIN", (112, 128),
+                           "INPUT.MIN_SIZE_TRAIN_SAMPLING", "range")
+    with pytest.raises(ValueError, match=r"'range' samples any short edge in \[112, 128\]"):
         TeacherPlan.from_config(cfg)
+    plan = TeacherPlan.from_config(make_student_cfg(tmp_path, tiny_teacher, "INPUT.MIN_SIZE_TRAIN", (128, 112)))
+    assert plan.store_sizes == (112, 128) and plan.resize["short_edges"] == [112, 128]
