@@ -56,7 +56,7 @@ def _info_table(info: StoreInfo) -> str:
 def _cmd_info(args: argparse.Namespace) -> int:
     from cache.reader import TeacherFeatureStore
 
-    info = TeacherFeatureStore(args.store, args.storage_options).info()
+    info = TeacherFeatureStore(args.store, args.storage_options).info(disk_usage=True)
     print(json.dumps(info.to_dict(), indent=2) if args.json else _info_table(info))
     return 0
 

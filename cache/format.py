@@ -16,10 +16,12 @@ from typing import Any, Mapping
 from cache.codecs import FeatureCodec, get_codec
 
 FORMAT_NAME = "teacher-feature-store"
-FORMAT_VERSION = 2
-# Version 1 is version 2 without the `predictor` attribute (no predictor): still read, and resumed
-# where the requested layout is the same (an fp16 store is byte-identical in both).
-READABLE_FORMAT_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+# Version 1 is version 2 without the `predictor` attribute (no predictor); version 2 is version 3 without the
+# consolidated row index. Both are still read, and resumed where the requested layout is the same.
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
+# First version whose finalisation writes the consolidated row index (older stores are read shard by shard).
+CONSOLIDATED_SINCE_VERSION = 3
 FLIP_OPTIONS = ("none", "mirror", "stored")
 
 # Status values of the per-image `status` array; a row is done only when its status is nonzero.
@@ -35,6 +37,11 @@ PADDED_HW = "padded_hw"
 ERROR = "error"
 STATUS = "status"
 SIZE_ARRAYS = (ORIG_HW, RESIZED_HW, PADDED_HW)
+# The per-image arrays above in one single-chunk (N, 8) int64 array, written at finalisation and dropped by the
+# first shard write after it: a reader opens a finalized store with one object instead of N/S per array.
+CONSOLIDATED_ROWS = "consolidated_rows"
+CONSOLIDATED_COLUMNS = ("image_id", "status", "orig_h", "orig_w", "resized_h", "resized_w", "padded_h", "padded_w")
+CONSOLIDATED_CHUNK_KEY = f"{CONSOLIDATED_ROWS}/c/0/0"
 
 
 def features_array(level: str) -> str:

@@ -20,6 +20,9 @@ from zarr.core.sync import sync
 
 from cache.codecs import QuantParams
 from cache.format import (
+    CONSOLIDATED_COLUMNS,
+    CONSOLIDATED_ROWS,
+    CONSOLIDATED_SINCE_VERSION,
     ERROR,
     FORMAT_NAME,
     READABLE_FORMAT_VERSIONS,
@@ -27,6 +30,7 @@ from cache.format import (
     ORIG_HW,
     PADDED_HW,
     RESIZED_HW,
+    SIZE_ARRAYS,
     STATUS,
     STATUS_COMMITTED,
     STATUS_PENDING,
@@ -128,30 +132,61 @@ class TeacherFeatureStore:
         self._pid: int | None = None
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
-        ids, damaged = self._load_side_array(IMAGE_ID)
-        if damaged:
-            raise StoreDamagedError(
-                f"feature store {self.path}: the image_id array is damaged ({next(iter(damaged.values()))}); "
-                "rows cannot be matched to images. Rebuild the store."
-            )
-        self.image_ids: np.ndarray = ids.astype(np.int64)
-        self._row_of = {int(image_id): row for row, image_id in enumerate(self.image_ids.tolist())}
-        self.refresh()
+        self._set_rows(self._load_rows())
 
     # ----------------------------------------------------------------- metadata
 
     def refresh(self) -> None:
         """Reload attributes, statuses and sizes (a writer may have committed shards since opening)."""
         self.attrs = read_group_attrs(self.path, self.storage_options) or self.attrs
+        self._set_rows(self._load_rows())
+
+    def _set_rows(self, rows: RowMetadata) -> None:
+        self.image_ids: np.ndarray = rows.image_ids
+        self._row_of = {int(image_id): row for row, image_id in enumerate(self.image_ids.tolist())}
+        self._status, self._orig_hw, self._resized_hw, self._padded_hw = rows.status, rows.orig_hw, rows.resized_hw, rows.padded_hw
+        self._damaged = rows.damaged
+        self.rows_source = rows.source
+
+    def _load_rows(self) -> RowMetadata:
+        """The per-image metadata: from the consolidated row index when there is a valid one, else shard by shard."""
+        return self._load_consolidated_rows() or self._load_per_shard_rows()
+
+    def _load_consolidated_rows(self) -> RowMetadata | None:
+        """The consolidated row index (1 object), or None when there is none or it cannot be trusted.
+
+        Finalisation writes it and the first shard write after that drops it, so it is present only while it
+        equals the per-shard arrays. Absent, unreadable (checksum) or the wrong shape: the per-shard arrays
+        serve, which is always correct, only slower to open (verify reports a damaged index).
+        """
+        if not isinstance(self.attrs.get("format_version"), int) or self.attrs["format_version"] < CONSOLIDATED_SINCE_VERSION:
+            return None
+        self._ensure_open()
+        try:
+            table = np.asarray(self._group[CONSOLIDATED_ROWS][:])
+        except Exception:  # noqa: BLE001 - absent (KeyError), or damaged metadata or chunk
+            return None
+        if table.shape != (self.attrs.get("num_images"), len(CONSOLIDATED_COLUMNS)) or (table == -1).any():
+            return None  # -1 is the fill value: the chunk was dropped after its metadata was read
+        return RowMetadata(table[:, 0].copy(), table[:, 1].astype(np.uint8), table[:, 2:4].copy(), table[:, 4:6].copy(),
+                           table[:, 6:8].copy(), {}, CONSOLIDATED_ROWS)
+
+    def _load_per_shard_rows(self) -> RowMetadata:
+        """The per-image arrays, N/S chunks each; a row whose chunk fails its checksum is listed as damaged."""
+        ids, damaged_ids = self._load_side_array(IMAGE_ID)
+        if damaged_ids:
+            raise StoreDamagedError(
+                f"feature store {self.path}: the image_id array is damaged ({next(iter(damaged_ids.values()))}); "
+                "rows cannot be matched to images. Rebuild the store."
+            )
         damaged: dict[int, str] = {}
         loaded = {}
         for name in (STATUS, ORIG_HW, RESIZED_HW, PADDED_HW):
             loaded[name], bad = self._load_side_array(name)
             for row, reason in bad.items():
                 damaged.setdefault(row, reason)
-        self._status = loaded[STATUS].astype(np.uint8)
-        self._orig_hw, self._resized_hw, self._padded_hw = (loaded[n].astype(np.int64) for n in (ORIG_HW, RESIZED_HW, PADDED_HW))
-        self._damaged = damaged
+        return RowMetadata(ids.astype(np.int64), loaded[STATUS].astype(np.uint8),
+                           *(loaded[n].astype(np.int64) for n in SIZE_ARRAYS), damaged, "per-shard arrays")
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -345,7 +380,7 @@ class TeacherFeatureStore:
         """(Re)open zarr handles in this process; objects made before a fork are never reused."""
         if self._pid != os.getpid():
             store = zarr_store(self.path, self.storage_options, read_only=True)  # an fsspec store per process too
-            self._group = zarr.open_group(store=store, mode="r")
+            self._group = zarr.open_group(store=store, mode="r", zarr_format=3)  # no probes for v2 keys
             self._arrays = {}
             names = [features_array(lv) for lv in self.layout.stored_keys]
             if self.codec.quantised:
@@ -379,8 +414,12 @@ class TeacherFeatureStore:
 
     # ----------------------------------------------------------------- summary
 
-    def info(self) -> StoreInfo:
-        """Counts, sizes on disk and the compression ratio against raw float32 features."""
+    def info(self, *, disk_usage: bool = False) -> StoreInfo:
+        """Counts and the layout from the metadata already loaded; with disk_usage, bytes on disk and the ratio.
+
+        disk_usage lists every object of the store (a directory walk, or a full S3 listing: minutes for a
+        COCO store), so start-up never asks for it; `python -m cache info` and stage one's summary do.
+        """
         status = self._status
         done = status == STATUS_COMMITTED
         raw = 0
@@ -390,7 +429,9 @@ class TeacherFeatureStore:
             h = np.ceil(self._resized_hw[done, 0] / stride)
             w = np.ceil(self._resized_hw[done, 1] / stride)
             raw += int(np.sum(h * w)) * self.layout.channels_of(level) * 4 * views
-        on_disk = url_bytes(self.path, self.storage_options) if is_url(self.path) else _directory_bytes(self.path)
+        on_disk = None
+        if disk_usage:
+            on_disk = url_bytes(self.path, self.storage_options) if is_url(self.path) else _directory_bytes(self.path)
         images_done = int(np.count_nonzero(done))
         return StoreInfo(
             path=self.path,
@@ -406,13 +447,26 @@ class TeacherFeatureStore:
             images_failed=int(np.count_nonzero(status == STATUS_UNREADABLE)),
             images_pending=int(np.count_nonzero(status == STATUS_PENDING)),
             bytes_on_disk=on_disk,
-            bytes_per_image=(on_disk / images_done) if images_done else None,
+            bytes_per_image=(on_disk / images_done) if images_done and on_disk is not None else None,
             raw_fp32_bytes=raw,
             ratio_vs_fp32=(raw / on_disk) if on_disk else None,
             fingerprint_sha256=self.attrs.get("fingerprint_sha256") or fingerprint_sha256(self.fingerprint),
             created=self.attrs.get("created"),
             finalized="failed" in self.attrs,
         )
+
+
+@dataclass(frozen=True)
+class RowMetadata:
+    """Every row's image id, status and sizes, as a reader holds them, and where they were read from."""
+
+    image_ids: np.ndarray  # (N,) int64
+    status: np.ndarray  # (N,) uint8
+    orig_hw: np.ndarray  # (N, 2) int64, as are the two below
+    resized_hw: np.ndarray
+    padded_hw: np.ndarray
+    damaged: dict[int, str]  # row -> reason, for rows whose per-shard chunks fail their checksum
+    source: str  # CONSOLIDATED_ROWS or "per-shard arrays"
 
 
 @dataclass(frozen=True)
@@ -431,7 +485,7 @@ class StoreInfo:
     images_done: int  # status 1
     images_failed: int  # status 2: unreadable at write time
     images_pending: int  # status 0: not written yet
-    bytes_on_disk: int | None
+    bytes_on_disk: int | None  # None unless info(disk_usage=True)
     bytes_per_image: float | None  # per done image
     raw_fp32_bytes: int  # the done images' stored maps as float32
     ratio_vs_fp32: float | None

@@ -155,7 +155,7 @@ def _cache_teacher_locked(cfg, overwrite: bool) -> dict:
     infer_seconds = sum(r["teacher_seconds"] for r in ranks)
     from cache import TeacherFeatureStore
 
-    info = TeacherFeatureStore(cfg.DISTILL.CACHE.PATH, cfg.DISTILL.CACHE.STORAGE_OPTIONS).info()
+    info = TeacherFeatureStore(cfg.DISTILL.CACHE.PATH, cfg.DISTILL.CACHE.STORAGE_OPTIONS).info(disk_usage=True)
     summary = {
         "images_written": images, "images_total": info.images_total,
         "images_failed_this_run": sum(r["failed"] for r in ranks), "processes": world,
