@@ -62,6 +62,7 @@ _LEVEL_NAME = re.compile(r"[A-Za-z0-9_-]+")
 # (A anchors per position): objectness logits (A channels) and box deltas (4A channels, dx dy dw dh per anchor).
 RPN_OBJECTNESS = "rpn_objectness"
 RPN_DELTAS = "rpn_deltas"
+RPN_OUTPUTS = (RPN_OBJECTNESS, RPN_DELTAS)  # a layout stores those a method reads (`rpn_outputs`)
 
 
 def rpn_key(output: str, level: str) -> str:
@@ -95,6 +96,9 @@ class StoreLayout:
     tile: int = 64
     rpn_anchors: int = 0  # A: the teacher's RPN outputs are stored per level too when > 0
     predictor: str | None = None  # of the stored codes; None: the codec's own (cache/codecs.py)
+    # Which RPN outputs are stored when rpn_anchors > 0. Both by default, as in stores written before the
+    # attribute existed; stage one stores only those a method reads (kd: objectness).
+    rpn_outputs: tuple[str, ...] = RPN_OUTPUTS
 
     def __post_init__(self) -> None:
         # Normalise lists (e.g. from JSON or YAML) to tuples so layouts compare and hash by value.
@@ -125,6 +129,13 @@ class StoreLayout:
         if int(self.rpn_anchors) < 0:
             raise ValueError(f"rpn_anchors must be >= 0 (0: no RPN outputs stored), got {self.rpn_anchors!r}")
         object.__setattr__(self, "rpn_anchors", int(self.rpn_anchors))
+        outputs = (self.rpn_outputs,) if isinstance(self.rpn_outputs, str) else tuple(self.rpn_outputs)
+        unknown = sorted(set(outputs) - set(RPN_OUTPUTS))
+        if unknown or (self.rpn_anchors and not outputs):
+            raise ValueError(f"rpn_outputs must be a non-empty subset of {RPN_OUTPUTS}, got {self.rpn_outputs!r}")
+        # Canonical order, and the default without anchors (nothing is stored), so layouts compare by what they store.
+        object.__setattr__(self, "rpn_outputs", tuple(o for o in RPN_OUTPUTS if o in outputs) if self.rpn_anchors
+                           else RPN_OUTPUTS)
         for name in ("channels", "shard_images", "tile"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -138,8 +149,7 @@ class StoreLayout:
     @property
     def stored_keys(self) -> tuple[str, ...]:
         """Every per-level map stored (array features/<key>): the levels, then their RPN outputs if any."""
-        rpn = (rpn_key(o, lv) for o in (RPN_OBJECTNESS, RPN_DELTAS) for lv in self.levels) if self.rpn_anchors else ()
-        return self.levels + tuple(rpn)
+        return self.levels + tuple(rpn_key(o, lv) for o in self.rpn_outputs for lv in self.levels if self.rpn_anchors)
 
     def channels_of(self, key: str) -> int:
         """Channels of a stored map: C for a level, A for rpn_objectness, 4A for rpn_deltas."""
@@ -197,6 +207,8 @@ class StoreLayout:
             **({"rpn_anchors": self.rpn_anchors} if self.rpn_anchors else {}),
             # Likewise only when there is one: an fp16 store has the attributes of format version 1.
             **({"predictor": self.predictor} if self.predictor != "none" else {}),
+            # Only when some RPN output is left out: a store without the attribute holds them all.
+            **({"rpn_outputs": list(self.rpn_outputs)} if self.rpn_anchors and self.rpn_outputs != RPN_OUTPUTS else {}),
         }
 
     @classmethod
@@ -205,7 +217,7 @@ class StoreLayout:
         if missing:
             raise ValueError(f"store attributes lack layout fields {missing}")
         return cls(**{k: attrs[k] for k in _LAYOUT_FIELDS}, rpn_anchors=attrs.get("rpn_anchors", 0),
-                   predictor=attrs.get("predictor", "none"))
+                   predictor=attrs.get("predictor", "none"), rpn_outputs=attrs.get("rpn_outputs", RPN_OUTPUTS))
 
     @property
     def feature_codec(self) -> FeatureCodec:

@@ -27,7 +27,7 @@ def add_distill_config(cfg: CN) -> None:
     cfg.DISTILL.CACHE.FLIP = "stored"  # horizontal flip: "stored" (teacher run on the flipped image), "mirror", "none"
     cfg.DISTILL.CACHE.SHARD_IMAGES = 16  # images per zarr shard: one writer per shard, resume granularity
     cfg.DISTILL.CACHE.TILE = 64  # spatial size of the inner chunks inside a shard
-    cfg.DISTILL.CACHE.RPN = False  # also store the teacher's RPN objectness logits and box deltas per level (method kd)
+    cfg.DISTILL.CACHE.RPN = False  # also store the teacher's RPN outputs that a method reads, per level (kd: objectness logits)
     cfg.DISTILL.CACHE.WRITE_QUEUE = 2  # shards waiting for the background writer before inference blocks
     cfg.DISTILL.CACHE.ON_BAD_ENTRY = "fail"  # entry damaged/unwritten/unreadable: "fail" names image+store; "skip" drops its loss_kd, counted (docs/reliability.md)
     cfg.DATASETS.COCO_FORMAT = []  # user datasets: [[name, json_file, image_root], ...], then use the names

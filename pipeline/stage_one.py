@@ -18,9 +18,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline import distributed
+from pipeline.losses import DISTILL_LOSS_REGISTRY
 from pipeline.teacher import (TeacherFeatureExtractor, hflip_image, load_teacher_cfg,
                               resize_augmentation, store_resize, teacher_fingerprint)
-from cache import BackgroundShardWriter, ImageEntry, StoreLayout, TeacherFeatureWriter
+from cache import RPN_OUTPUTS, BackgroundShardWriter, ImageEntry, StoreLayout, TeacherFeatureWriter
 from cache.lock import writer_lock
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
@@ -74,6 +75,12 @@ def _padded(hw, divisibility: int) -> tuple[int, int]:
     return tuple(int(math.ceil(v / divisibility) * divisibility) for v in hw)
 
 
+def rpn_outputs_read() -> tuple[str, ...]:
+    """The RPN outputs some registered method distils (kd: "rpn_objectness"): the only ones a store holds."""
+    read = {cls.source for _, cls in DISTILL_LOSS_REGISTRY}
+    return tuple(output for output in RPN_OUTPUTS if output in read)
+
+
 def cache_teacher(cfg, overwrite: bool = False) -> dict:
     """Write (or resume) the store at cfg.DISTILL.CACHE.PATH; return the run's summary.
 
@@ -88,7 +95,7 @@ def _cache_teacher_locked(cfg, overwrite: bool) -> dict:
     dataset = ",".join(cfg.DATASETS.TRAIN)
     dicts = training_images(cfg.DATASETS.TRAIN)
     fingerprint = teacher_fingerprint(cfg)
-    extractor = TeacherFeatureExtractor.from_config(cfg, rpn=cfg.DISTILL.CACHE.RPN)
+    extractor = TeacherFeatureExtractor.from_config(cfg, rpn=cfg.DISTILL.CACHE.RPN, rpn_outputs=rpn_outputs_read())
     if len(set(extractor.channels)) != 1:
         raise ValueError(f"the store needs one channel count for every level; the teacher has {extractor.channels}")
     max_side = _padded((max(rule["max_size"], rule["short_edge"]),) * 2, extractor.size_divisibility)
@@ -96,6 +103,7 @@ def _cache_teacher_locked(cfg, overwrite: bool) -> dict:
         levels=tuple(extractor.levels), strides=tuple(extractor.strides), channels=extractor.channels[0],
         codec=cfg.DISTILL.CACHE.CODEC, flip=cfg.DISTILL.CACHE.FLIP, max_hw=max_side,
         shard_images=cfg.DISTILL.CACHE.SHARD_IMAGES, tile=cfg.DISTILL.CACHE.TILE, rpn_anchors=extractor.rpn_anchors,
+        rpn_outputs=extractor.rpn_outputs,
     )
     def open_writer(overwrite: bool) -> TeacherFeatureWriter:
         return TeacherFeatureWriter.open(cfg.DISTILL.CACHE.PATH, layout, [d["image_id"] for d in dicts], dataset,

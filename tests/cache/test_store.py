@@ -480,6 +480,67 @@ def test_a_format_2_store_gets_no_consolidated_index_and_is_read_shard_by_shard(
     assert store.rows_source == "per-shard arrays" and all(i in store for i in IDS)
 
 
+# ---------------------------------------------------------------- RPN outputs
+
+
+def _rpn_entry(image_id: int, layout: StoreLayout) -> ImageEntry:
+    rng = np.random.default_rng(image_id)
+    resized = resized_hw_of(image_id)
+    maps = {view: {key: rng.standard_normal((layout.channels_of(key), *layout.valid_hw(key, resized))).astype(np.float32)
+                   for key in layout.stored_keys} for view in layout.views}
+    return ImageEntry(image_id, resized, resized, MAX_HW, maps)
+
+
+def test_a_layout_stores_only_the_rpn_outputs_it_names_and_records_which(tmp_path):
+    layout = _with(make_layout("fp16", "mirror"), rpn_anchors=2, rpn_outputs=("rpn_objectness",))
+    assert layout.stored_keys == LEVELS + tuple(f"rpn_objectness/{lv}" for lv in LEVELS)
+    assert layout.to_attrs()["rpn_outputs"] == ["rpn_objectness"]
+    assert StoreLayout.from_attrs(layout.to_attrs()) == layout
+    writer = TeacherFeatureWriter.open(str(tmp_path / "s"), layout, IDS[:2], "toy_train", FINGERPRINT)
+    entries = [_rpn_entry(i, layout) for i in IDS[:2]]
+    writer.write_shard(0, entries)
+    writer.finalize({})
+    assert set(os.listdir(tmp_path / "s" / "features")) - {"zarr.json"} == {*LEVELS, "rpn_objectness"}
+    store = TeacherFeatureStore(str(tmp_path / "s"))
+    got = store.read(IDS[0], flip=True)
+    assert sorted(got) == sorted(layout.stored_keys)
+    want = np.flip(entries[0].features["orig"]["rpn_objectness/p3"], axis=-1).astype(np.float16).astype(np.float32)
+    assert np.array_equal(got["rpn_objectness/p3"].numpy(), want)
+    with pytest.raises(KeyError, match=r"holds no \['rpn_deltas/p2'\]"):
+        store.read(IDS[0], keys=["rpn_deltas/p2"])
+    assert verify_store(str(tmp_path / "s"), progress=False).intact
+
+
+def test_a_store_without_the_rpn_outputs_attribute_holds_objectness_and_deltas(tmp_path):
+    """Stores written before the attribute existed hold both, and stay readable with both."""
+    layout = _with(make_layout("fp16", "mirror"), rpn_anchors=2)
+    assert "rpn_outputs" not in layout.to_attrs() and layout.rpn_outputs == ("rpn_objectness", "rpn_deltas")
+    writer = TeacherFeatureWriter.open(str(tmp_path / "s"), layout, IDS[:2], "toy_train", FINGERPRINT)
+    writer.write_shard(0, [_rpn_entry(i, layout) for i in IDS[:2]])
+    store = TeacherFeatureStore(str(tmp_path / "s"))
+    assert store.layout.rpn_outputs == ("rpn_objectness", "rpn_deltas")
+    assert tuple(store.read(IDS[1]).keys()) == layout.stored_keys
+
+
+def test_resume_refuses_a_store_holding_other_rpn_outputs_in_either_direction(tmp_path):
+    both = _with(make_layout("fp16", "mirror"), rpn_anchors=2)
+    objectness = _with(both, rpn_outputs=("rpn_objectness",))
+    args = {"image_ids": IDS, "dataset": "toy_train", "fingerprint": FINGERPRINT}
+    for stored, requested in ((both, objectness), (objectness, both)):
+        path = str(tmp_path / f"s{len(stored.rpn_outputs)}")
+        TeacherFeatureWriter.open(path, stored, **args)
+        with pytest.raises(StoreMismatchError, match="rpn_outputs: store has"):
+            TeacherFeatureWriter.open(path, requested, **args)
+
+
+def test_rpn_outputs_are_checked_and_ignored_without_anchors():
+    with pytest.raises(ValueError, match=r"rpn_outputs must be a non-empty subset of \('rpn_objectness', 'rpn_deltas'\)"):
+        _with(make_layout(), rpn_anchors=2, rpn_outputs=("rpn_boxes",))
+    with pytest.raises(ValueError, match="non-empty"):
+        _with(make_layout(), rpn_anchors=2, rpn_outputs=())
+    assert _with(make_layout(), rpn_outputs=("rpn_objectness",)) == make_layout()  # no anchors: nothing stored
+
+
 # ---------------------------------------------------------------- flip
 
 
