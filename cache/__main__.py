@@ -31,7 +31,7 @@ def _human_bytes(n: float | None) -> str:
     return f"{n} B"
 
 
-def _info_table(info: StoreInfo) -> str:
+def _info_table(info: StoreInfo, rpn_outputs: tuple[str, ...]) -> str:
     ratio = f"{info.ratio_vs_fp32:.2f}x smaller" if info.ratio_vs_fp32 else "-"
     rows = [
         ("store", info.path),
@@ -42,7 +42,7 @@ def _info_table(info: StoreInfo) -> str:
         ("sizes", ", ".join(map(str, info.sizes)) + " (short edges)" if info.sizes else "one, in the fingerprint's resize"),
         ("views", f"{len(info.views)}: {', '.join(info.views)}"),
         ("levels", ", ".join(info.levels)),
-        ("rpn outputs", f"objectness and deltas, {info.rpn_anchors} anchors" if info.rpn_anchors else "not stored"),
+        ("rpn outputs", f"{', '.join(rpn_outputs)}; {info.rpn_anchors} anchors" if info.rpn_anchors else "not stored"),
         ("images", f"{info.images_done} done, {info.images_failed} unreadable, "
                    f"{info.images_pending} pending, {info.images_total} total"),
         ("on disk", f"{_human_bytes(info.bytes_on_disk)} ({_human_bytes(info.bytes_per_image)} per done image, "
@@ -61,8 +61,9 @@ def _info_table(info: StoreInfo) -> str:
 def _cmd_info(args: argparse.Namespace) -> int:
     from cache.reader import TeacherFeatureStore
 
-    info = TeacherFeatureStore(args.store, args.storage_options).info()
-    print(json.dumps(info.to_dict(), indent=2) if args.json else _info_table(info))
+    store = TeacherFeatureStore(args.store, args.storage_options)
+    info = store.info(disk_usage=True)
+    print(json.dumps(info.to_dict(), indent=2) if args.json else _info_table(info, store.layout.rpn_outputs))
     return 0
 
 

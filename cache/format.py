@@ -17,13 +17,17 @@ from cache.codecs import FeatureCodec, get_codec
 
 FORMAT_NAME = "teacher-feature-store"
 FORMAT_VERSION = 3
-# Version 3 records the short edges (`sizes`) and stores one set of views per size. Version 2 is version 3
-# with one size that the layout does not record (the fingerprint's resize rule does): a layout without sizes
-# is written as version 2, and version 2 stores are resumed by a one-size request with the same layout.
-# Version 1 is version 2 without the `predictor` attribute (no predictor): still read, and resumed where the
-# requested layout is the same (an fp16 store is byte-identical in both).
+# Version 3 records the short edges (`sizes`) and stores one set of views per size, and its finalisation writes
+# the consolidated row index. Version 2 is version 3 with one size that the layout does not record (the
+# fingerprint's resize rule does) and without the index: a layout without sizes is written as version 2, and
+# version 2 stores are resumed by a one-size request with the same layout. Version 1 is version 2 without the
+# `predictor` attribute (no predictor): still read, and resumed where the requested layout is the same (an
+# fp16 store is byte-identical in both).
 LEGACY_FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2, 3)
+# First version whose finalisation writes the consolidated row index (older code would not drop it before
+# writing a shard, so a version 2 store never gets one).
+CONSOLIDATED_SINCE_VERSION = 3
 FLIP_OPTIONS = ("none", "mirror", "stored")
 
 # Status values of the per-image `status` array; a row is done only when its status is nonzero.
@@ -39,6 +43,20 @@ PADDED_HW = "padded_hw"
 ERROR = "error"
 STATUS = "status"
 SIZE_ARRAYS = (ORIG_HW, RESIZED_HW, PADDED_HW)
+# The per-image arrays above in one single-chunk (N, 8) int64 array, written at finalisation and dropped by the
+# first shard write after it: a reader opens a finalized store with one object instead of N/S per array.
+CONSOLIDATED_ROWS = "consolidated_rows"
+CONSOLIDATED_COLUMNS = ("image_id", "status", "orig_h", "orig_w", "resized_h", "resized_w", "padded_h", "padded_w")
+
+
+def consolidated_columns(sizes: tuple[int, ...] = ()) -> tuple[str, ...]:
+    """The index's columns: CONSOLIDATED_COLUMNS for one size; with several, resized and padded (h, w) per size,
+    suffixed with the short edge (resized_h@640, resized_w@640, ..., padded_h@640, ...)."""
+    if len(sizes) <= 1:
+        return CONSOLIDATED_COLUMNS
+    return CONSOLIDATED_COLUMNS[:4] + tuple(f"{name}_{c}@{size}" for name in ("resized", "padded")
+                                            for size in sizes for c in "hw")
+CONSOLIDATED_CHUNK_KEY = f"{CONSOLIDATED_ROWS}/c/0/0"
 
 
 def features_array(level: str) -> str:
@@ -59,6 +77,7 @@ _LEVEL_NAME = re.compile(r"[A-Za-z0-9_-]+")
 # (A anchors per position): objectness logits (A channels) and box deltas (4A channels, dx dy dw dh per anchor).
 RPN_OBJECTNESS = "rpn_objectness"
 RPN_DELTAS = "rpn_deltas"
+RPN_OUTPUTS = (RPN_OBJECTNESS, RPN_DELTAS)  # a layout stores those a method reads (`rpn_outputs`)
 
 
 def rpn_key(output: str, level: str) -> str:
@@ -95,6 +114,9 @@ class StoreLayout:
     # Short edges stored, ascending: one set of flip views each (format 3). (): one size that the layout does
     # not record (format 1-2 stores; the fingerprint's resize rule says which).
     sizes: tuple[int, ...] = ()
+    # Which RPN outputs are stored when rpn_anchors > 0. Both by default, as in stores written before the
+    # attribute existed; stage one stores only those a method reads (kd: objectness).
+    rpn_outputs: tuple[str, ...] = RPN_OUTPUTS
 
     def __post_init__(self) -> None:
         # Normalise lists (e.g. from JSON or YAML) to tuples so layouts compare and hash by value.
@@ -129,6 +151,13 @@ class StoreLayout:
         if int(self.rpn_anchors) < 0:
             raise ValueError(f"rpn_anchors must be >= 0 (0: no RPN outputs stored), got {self.rpn_anchors!r}")
         object.__setattr__(self, "rpn_anchors", int(self.rpn_anchors))
+        outputs = (self.rpn_outputs,) if isinstance(self.rpn_outputs, str) else tuple(self.rpn_outputs)
+        unknown = sorted(set(outputs) - set(RPN_OUTPUTS))
+        if unknown or (self.rpn_anchors and not outputs):
+            raise ValueError(f"rpn_outputs must be a non-empty subset of {RPN_OUTPUTS}, got {self.rpn_outputs!r}")
+        # Canonical order, and the default without anchors (nothing is stored), so layouts compare by what they store.
+        object.__setattr__(self, "rpn_outputs", tuple(o for o in RPN_OUTPUTS if o in outputs) if self.rpn_anchors
+                           else RPN_OUTPUTS)
         for name in ("channels", "shard_images", "tile"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -194,8 +223,7 @@ class StoreLayout:
     @property
     def stored_keys(self) -> tuple[str, ...]:
         """Every per-level map stored (array features/<key>): the levels, then their RPN outputs if any."""
-        rpn = (rpn_key(o, lv) for o in (RPN_OBJECTNESS, RPN_DELTAS) for lv in self.levels) if self.rpn_anchors else ()
-        return self.levels + tuple(rpn)
+        return self.levels + tuple(rpn_key(o, lv) for o in self.rpn_outputs for lv in self.levels if self.rpn_anchors)
 
     def channels_of(self, key: str) -> int:
         """Channels of a stored map: C for a level, A for rpn_objectness, 4A for rpn_deltas."""
@@ -255,6 +283,8 @@ class StoreLayout:
             **({"rpn_anchors": self.rpn_anchors} if self.rpn_anchors else {}),
             # Likewise only when there is one: an fp16 store has the attributes of format version 1.
             **({"predictor": self.predictor} if self.predictor != "none" else {}),
+            # Only when some RPN output is left out: a store without the attribute holds them all.
+            **({"rpn_outputs": list(self.rpn_outputs)} if self.rpn_anchors and self.rpn_outputs != RPN_OUTPUTS else {}),
         }
 
     @classmethod
@@ -263,7 +293,8 @@ class StoreLayout:
         if missing:
             raise ValueError(f"store attributes lack layout fields {missing}")
         return cls(**{k: attrs[k] for k in _LAYOUT_FIELDS}, rpn_anchors=attrs.get("rpn_anchors", 0),
-                   predictor=attrs.get("predictor", "none"), sizes=tuple(attrs.get("sizes", ())))
+                   predictor=attrs.get("predictor", "none"), sizes=tuple(attrs.get("sizes", ())),
+                   rpn_outputs=attrs.get("rpn_outputs", RPN_OUTPUTS))
 
     @property
     def feature_codec(self) -> FeatureCodec:

@@ -20,6 +20,9 @@ from zarr.core.sync import sync
 
 from cache.codecs import QuantParams
 from cache.format import (
+    CONSOLIDATED_ROWS,
+    CONSOLIDATED_SINCE_VERSION,
+    consolidated_columns,
     ERROR,
     FORMAT_NAME,
     READABLE_FORMAT_VERSIONS,
@@ -27,6 +30,7 @@ from cache.format import (
     ORIG_HW,
     PADDED_HW,
     RESIZED_HW,
+    SIZE_ARRAYS,
     STATUS,
     STATUS_COMMITTED,
     STATUS_PENDING,
@@ -130,33 +134,66 @@ class TeacherFeatureStore:
         self._pid: int | None = None
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
-        ids, damaged = self._load_side_array(IMAGE_ID)
-        if damaged:
-            raise StoreDamagedError(
-                f"feature store {self.path}: the image_id array is damaged ({next(iter(damaged.values()))}); "
-                "rows cannot be matched to images. Rebuild the store."
-            )
-        self.image_ids: np.ndarray = ids.astype(np.int64)
-        self._row_of = {int(image_id): row for row, image_id in enumerate(self.image_ids.tolist())}
-        self.refresh()
+        self._set_rows(self._load_rows())
 
     # ----------------------------------------------------------------- metadata
 
     def refresh(self) -> None:
         """Reload attributes, statuses and sizes (a writer may have committed shards since opening)."""
         self.attrs = read_group_attrs(self.path, self.storage_options) or self.attrs
+        self._set_rows(self._load_rows())
+
+    def _set_rows(self, rows: RowMetadata) -> None:
+        self.image_ids: np.ndarray = rows.image_ids
+        self._row_of = {int(image_id): row for row, image_id in enumerate(self.image_ids.tolist())}
+        self._status, self._orig_hw, self._resized_hw, self._padded_hw = rows.status, rows.orig_hw, rows.resized_hw, rows.padded_hw
+        self._damaged = rows.damaged
+        self.rows_source = rows.source
+
+    def _load_rows(self) -> RowMetadata:
+        """The per-image metadata: from the consolidated row index when there is a valid one, else shard by shard."""
+        return self._load_consolidated_rows() or self._load_per_shard_rows()
+
+    def _load_consolidated_rows(self) -> RowMetadata | None:
+        """The consolidated row index (1 object), or None when there is none or it cannot be trusted.
+
+        Finalisation writes it and the first shard write after that drops it, so it is present only while it
+        equals the per-shard arrays. Absent, unreadable (checksum) or the wrong shape: the per-shard arrays
+        serve, which is always correct, only slower to open (verify reports a damaged index).
+        """
+        if not isinstance(self.attrs.get("format_version"), int) or self.attrs["format_version"] < CONSOLIDATED_SINCE_VERSION:
+            return None
+        self._ensure_open()
+        try:
+            table = np.asarray(self._group[CONSOLIDATED_ROWS][:])
+        except Exception:  # noqa: BLE001 - absent (KeyError), or damaged metadata or chunk
+            return None
+        columns = consolidated_columns(self.layout.sizes)
+        if table.shape != (self.attrs.get("num_images"), len(columns)) or (table == -1).any():
+            return None  # -1 is the fill value: the chunk was dropped after its metadata was read
+        n, z = len(table), max(1, len(self.layout.sizes))
+        return RowMetadata(table[:, 0].copy(), table[:, 1].astype(np.uint8), table[:, 2:4].copy(),
+                           table[:, 4:4 + 2 * z].reshape(n, z, 2).copy(), table[:, 4 + 2 * z:].reshape(n, z, 2).copy(),
+                           {}, CONSOLIDATED_ROWS)
+
+    def _load_per_shard_rows(self) -> RowMetadata:
+        """The per-image arrays, N/S chunks each; a row whose chunk fails its checksum is listed as damaged."""
+        ids, damaged_ids = self._load_side_array(IMAGE_ID)
+        if damaged_ids:
+            raise StoreDamagedError(
+                f"feature store {self.path}: the image_id array is damaged ({next(iter(damaged_ids.values()))}); "
+                "rows cannot be matched to images. Rebuild the store."
+            )
         damaged: dict[int, str] = {}
         loaded = {}
         for name in (STATUS, ORIG_HW, RESIZED_HW, PADDED_HW):
             loaded[name], bad = self._load_side_array(name)
             for row, reason in bad.items():
                 damaged.setdefault(row, reason)
-        self._status = loaded[STATUS].astype(np.uint8)
-        self._orig_hw = loaded[ORIG_HW].astype(np.int64)
-        # (N, Z, 2): one (h, w) per stored size; format 1-2 stores hold one, as (N, 2).
-        self._resized_hw, self._padded_hw = (loaded[n].astype(np.int64).reshape(len(self.image_ids), -1, 2)
-                                             for n in (RESIZED_HW, PADDED_HW))
-        self._damaged = damaged
+        # resized_hw, padded_hw: (N, Z, 2), one (h, w) per stored size; format 1-2 stores hold one, as (N, 2).
+        return RowMetadata(ids.astype(np.int64), loaded[STATUS].astype(np.uint8), loaded[ORIG_HW].astype(np.int64),
+                           *(loaded[n].astype(np.int64).reshape(len(ids), -1, 2) for n in (RESIZED_HW, PADDED_HW)),
+                           damaged, "per-shard arrays")
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -404,7 +441,7 @@ class TeacherFeatureStore:
         """(Re)open zarr handles in this process; objects made before a fork are never reused."""
         if self._pid != os.getpid():
             store = zarr_store(self.path, self.storage_options, read_only=True)  # an fsspec store per process too
-            self._group = zarr.open_group(store=store, mode="r")
+            self._group = zarr.open_group(store=store, mode="r", zarr_format=3)  # no probes for v2 keys
             self._arrays = {}
             names = [features_array(lv) for lv in self.layout.stored_keys]
             if self.codec.quantised:
@@ -438,8 +475,12 @@ class TeacherFeatureStore:
 
     # ----------------------------------------------------------------- summary
 
-    def info(self) -> StoreInfo:
-        """Counts, sizes on disk and the compression ratio against raw float32 features."""
+    def info(self, *, disk_usage: bool = False) -> StoreInfo:
+        """Counts and the layout from the metadata already loaded; with disk_usage, bytes on disk and the ratio.
+
+        disk_usage lists every object of the store (a directory walk, or a full S3 listing: minutes for a
+        COCO store), so start-up never asks for it; `python -m cache info` and stage one's summary do.
+        """
         status = self._status
         done = status == STATUS_COMMITTED
         raw = 0
@@ -450,12 +491,13 @@ class TeacherFeatureStore:
                 stride = layout.stride(level)
                 h, w = np.ceil(resized[:, 0] / stride), np.ceil(resized[:, 1] / stride)
                 raw += int(np.sum(h * w)) * layout.channels_of(level) * 4
-        local = not is_url(self.path)
-        on_disk = _directory_bytes(self.path) if local else url_bytes(self.path, self.storage_options)
+        on_disk = None
+        if disk_usage:
+            on_disk = url_bytes(self.path, self.storage_options) if is_url(self.path) else _directory_bytes(self.path)
         images_done = int(np.count_nonzero(done))
         # The feature shard objects of each view (features/<key>/c/<shard>/<view>/...): what one more view costs.
         by_view = None
-        if local:
+        if disk_usage and not is_url(self.path):
             by_view = {layout.view_name(v): sum(_directory_bytes(os.path.join(self.path, features_array(key), "c", shard, str(v)))
                                                 for key in layout.stored_keys
                                                 for shard in _listdir(os.path.join(self.path, features_array(key), "c")))
@@ -476,7 +518,7 @@ class TeacherFeatureStore:
             images_failed=int(np.count_nonzero(status == STATUS_UNREADABLE)),
             images_pending=int(np.count_nonzero(status == STATUS_PENDING)),
             bytes_on_disk=on_disk,
-            bytes_per_image=(on_disk / images_done) if images_done else None,
+            bytes_per_image=(on_disk / images_done) if images_done and on_disk is not None else None,
             bytes_per_view=(on_disk / (images_done * layout.num_views)) if images_done and on_disk else None,
             feature_bytes_per_image_by_view=({name: b / images_done for name, b in by_view.items()}
                                              if by_view is not None and images_done else None),
@@ -486,6 +528,19 @@ class TeacherFeatureStore:
             created=self.attrs.get("created"),
             finalized="failed" in self.attrs,
         )
+
+
+@dataclass(frozen=True)
+class RowMetadata:
+    """Every row's image id, status and sizes, as a reader holds them, and where they were read from."""
+
+    image_ids: np.ndarray  # (N,) int64
+    status: np.ndarray  # (N,) uint8
+    orig_hw: np.ndarray  # (N, 2) int64
+    resized_hw: np.ndarray  # (N, Z, 2) int64: one (h, w) per stored size (Z = 1 for format 1-2 stores)
+    padded_hw: np.ndarray
+    damaged: dict[int, str]  # row -> reason, for rows whose per-shard chunks fail their checksum
+    source: str  # CONSOLIDATED_ROWS or "per-shard arrays"
 
 
 @dataclass(frozen=True)
@@ -506,7 +561,7 @@ class StoreInfo:
     images_done: int  # status 1
     images_failed: int  # status 2: unreadable at write time
     images_pending: int  # status 0: not written yet
-    bytes_on_disk: int | None
+    bytes_on_disk: int | None  # None unless info(disk_usage=True)
     bytes_per_image: float | None  # per done image
     bytes_per_view: float | None  # bytes on disk per done image and view (everything, side arrays included)
     feature_bytes_per_image_by_view: dict[str, float] | None  # each view's feature shard objects per done image (local)

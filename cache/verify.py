@@ -14,6 +14,8 @@ from tqdm import tqdm
 from zarr.core.sync import sync
 
 from cache.format import (
+    CONSOLIDATED_ROWS,
+    CONSOLIDATED_SINCE_VERSION,
     ERROR,
     IMAGE_ID,
     ORIG_HW,
@@ -30,7 +32,7 @@ from cache.format import (
     offset_array,
     scale_array,
 )
-from cache.reader import TeacherFeatureStore, missing_object_reason, object_key
+from cache.reader import RowMetadata, TeacherFeatureStore, missing_object_reason, object_key
 
 REQUIRED_ATTRS = (
     "format", "format_version", "levels", "strides", "channels", "codec", "flip", "views", "shard_images",
@@ -67,6 +69,10 @@ def verify_store(path: str, progress: bool = True, storage_options: Mapping | st
     report = VerifyReport(path=store.path)
     report.problems += _attribute_problems(store)
     report.problems += _array_problems(store)
+    # Check the shards' own arrays, the truth the consolidated index (what readers open) must equal.
+    consolidated, per_shard = store._load_consolidated_rows(), store._load_per_shard_rows()
+    report.problems += _consolidated_problems(store, consolidated, per_shard)
+    store._set_rows(per_shard)
 
     status = store._status
     bad: dict[int, str] = {}
@@ -160,6 +166,29 @@ def _array_problems(store: TeacherFeatureStore) -> list[str]:
         if dtype and np.dtype(arr.dtype).name != dtype:
             problems.append(f"array {name} has dtype {arr.dtype}, expected {dtype}")
     return problems
+
+
+def _consolidated_problems(store: TeacherFeatureStore, consolidated: RowMetadata | None,
+                           per_shard: RowMetadata) -> list[str]:
+    """A consolidated row index that readers would open but that differs from the shards' arrays."""
+    if consolidated is None:
+        if store.attrs.get("format_version", 0) >= CONSOLIDATED_SINCE_VERSION and "failed" in store.attrs \
+                and sync(store._group.store.exists(f"{CONSOLIDATED_ROWS}/zarr.json")):
+            return [f"array {CONSOLIDATED_ROWS} is unreadable (readers open the store shard by shard); finalize "
+                    "the writer again (rerun make cache-teacher) to rewrite it"]
+        return []
+    fields = ("image_ids", "status", "orig_hw", "resized_hw", "padded_hw")
+    differing = np.zeros(len(per_shard.image_ids), bool)
+    for name in fields:
+        a, b = getattr(consolidated, name), getattr(per_shard, name)
+        differing |= (a != b).reshape(len(differing), -1).any(axis=1)
+    differing[list(per_shard.damaged)] = False  # damaged per-shard rows are reported as bad entries
+    if not differing.any():
+        return []
+    row = int(np.flatnonzero(differing)[0])
+    return [f"array {CONSOLIDATED_ROWS} differs from the per-shard arrays in {int(differing.sum())} rows (first: row "
+            f"{row}, image {int(per_shard.image_ids[row])}); readers would serve its values: finalize the writer "
+            "again (rerun make cache-teacher) to rewrite it"]
 
 
 def _failed_attr_problems(store: TeacherFeatureStore, status: np.ndarray) -> list[str]:

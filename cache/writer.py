@@ -18,10 +18,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import zarr
-from zarr.codecs import BytesCodec, Crc32cCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 from zarr.core.sync import sync
 
 from cache.format import (
+    CONSOLIDATED_CHUNK_KEY,
+    CONSOLIDATED_ROWS,
+    CONSOLIDATED_SINCE_VERSION,
+    consolidated_columns,
     ERROR,
     FORMAT_NAME,
     READABLE_FORMAT_VERSIONS,
@@ -114,6 +118,7 @@ class TeacherFeatureWriter:
         self._group = group
         self._codec = layout.feature_codec
         self._arrays: dict[str, zarr.Array] = {}
+        self._consolidated_dropped = False
 
     # ----------------------------------------------------------------- opening
 
@@ -155,7 +160,7 @@ class TeacherFeatureWriter:
             if overwrite or "created" not in attrs:
                 _delete_store(path, options)
             else:
-                group = zarr.open_group(store=zarr_store(path, options), mode="r+")
+                group = zarr.open_group(store=zarr_store(path, options), mode="r+", zarr_format=3)
                 layout = _resumed_layout(attrs, layout)
                 differences = _differences(attrs, group, layout, ids, dataset, fingerprint)
                 if differences:
@@ -206,6 +211,8 @@ class TeacherFeatureWriter:
             ) from exc
 
     def _write_shard(self, shard: int, rows: range, entries: list[ImageEntry]) -> int:
+        if not self._consolidated_dropped:  # readers fall back to the per-shard arrays until finalize
+            self._drop_consolidated_rows()
         # Un-commit (status chunk first), then clear every object of this shard: zarr would otherwise
         # merge new rows into stale or torn objects and fail on their checksums.
         self._delete_shard_objects(shard)
@@ -247,6 +254,7 @@ class TeacherFeatureWriter:
             summary_json = json_normalised(summary or {})
         except (TypeError, ValueError) as exc:
             raise ValueError(f"summary must be JSON-serialisable (no NaN): {exc}") from None
+        self._write_consolidated_rows(status)
         self._group.attrs.update({"failed": failed, "summary": summary_json})
 
     # ----------------------------------------------------------------- internals
@@ -303,6 +311,39 @@ class TeacherFeatureWriter:
                             f"{where}, {view}/{level}: expected float (C, h, w) = {expected} cropped to "
                             f"ceil(resized {resized} / stride {layout.stride(level)}), got {x.dtype} {x.shape}"
                         )
+
+    def _drop_consolidated_rows(self) -> None:
+        """Delete the consolidated row index (chunk first), before this writer changes any shard."""
+        store = self._group.store
+        for key in (CONSOLIDATED_CHUNK_KEY, f"{CONSOLIDATED_ROWS}/zarr.json"):
+            sync(store.delete(key))
+        self._consolidated_dropped = True
+
+    def _write_consolidated_rows(self, status: np.ndarray) -> None:
+        """Write every row's id, status and sizes as one object, so a reader opens the store with one read.
+
+        Only in stores of this format version (older code would not drop it before writing a shard), and
+        only when every per-shard size chunk is intact (damage stays visible to readers and verify).
+        """
+        if self._group.attrs.get("format_version", 0) < CONSOLIDATED_SINCE_VERSION:
+            return
+        sizes = {}
+        for name in SIZE_ARRAYS:
+            sizes[name], damaged = load_rows_tolerant(self._array(name), name)
+            if damaged:
+                warnings.warn(f"feature store {self.path}: {name} chunks of {len(damaged)} rows are damaged; no "
+                              "consolidated row index written (readers open the store shard by shard)", stacklevel=3)
+                return
+        n = len(self.image_ids)
+        table = np.column_stack([self.image_ids, status, *(sizes[name].reshape(n, -1) for name in SIZE_ARRAYS)])
+        table = table.astype(np.int64)  # per size: (N, Z, 2) sizes become 2Z columns, as consolidated_columns names
+        array = self._group.create_array(
+            CONSOLIDATED_ROWS, shape=table.shape, dtype="int64", chunks=table.shape, fill_value=-1, overwrite=True,
+            compressors=[BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"), Crc32cCodec()],
+            dimension_names=("image", "column"), attributes={"columns": list(consolidated_columns(self.layout.sizes))},
+        )
+        array[:] = table
+        self._consolidated_dropped = False  # a later write_shard must drop it again
 
     def _delete_shard_objects(self, shard: int) -> None:
         """Remove every stored object of `shard` except its image ids, the status chunk first."""

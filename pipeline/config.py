@@ -87,8 +87,8 @@ def add_distill_config(cfg: CN) -> None:
     # Short edges the store holds: a subset of INPUT.MIN_SIZE_TRAIN (choice sampling).
     # (): all of them. The student's other sizes train without loss_kd (docs/store-format.md, 3a).
     _C.DISTILL.CACHE.SIZES = ()
-    # Also store the teacher's RPN objectness logits and box deltas per level.
-    # Method kd needs them; the feature methods read none.
+    # Also store the teacher's RPN outputs that a method reads, per level (kd: the objectness
+    # logits; the box deltas only once a method reads them). The feature methods read none.
     _C.DISTILL.CACHE.RPN = False
     # Shards waiting for the background writer before the teacher's inference blocks.
     _C.DISTILL.CACHE.WRITE_QUEUE = 2

@@ -19,9 +19,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline import distributed
+from pipeline.losses import DISTILL_LOSS_REGISTRY
 from pipeline.plan import TeacherPlan
 from pipeline.teacher import TeacherFeatureExtractor, hflip_image, resize_augmentation, rule_sizes
-from cache import BackgroundShardWriter, ImageEntry, StoreLayout, TeacherFeatureWriter
+from cache import RPN_OUTPUTS, BackgroundShardWriter, ImageEntry, StoreLayout, TeacherFeatureWriter
 from cache.lock import writer_lock
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
@@ -96,6 +97,12 @@ def _padded(hw, divisibility: int) -> tuple[int, int]:
     return tuple(int(math.ceil(v / divisibility) * divisibility) for v in hw)
 
 
+def rpn_outputs_read() -> tuple[str, ...]:
+    """The RPN outputs some registered method distils (kd: "rpn_objectness"): the only ones a store holds."""
+    read = {cls.source for _, cls in DISTILL_LOSS_REGISTRY}
+    return tuple(output for output in RPN_OUTPUTS if output in read)
+
+
 def cache_teacher(cfg, overwrite: bool = False, plan: TeacherPlan | None = None) -> dict:
     """Write (or resume) the store at cfg.DISTILL.CACHE.PATH; return the run's summary.
 
@@ -112,7 +119,7 @@ def _cache_teacher_locked(cfg, overwrite: bool, plan: TeacherPlan) -> dict:
     dataset = ",".join(plan.datasets)
     dicts = training_images(plan.datasets)
     fingerprint = plan.fingerprint
-    extractor = TeacherFeatureExtractor.from_config(plan, rpn=plan.rpn)
+    extractor = TeacherFeatureExtractor.from_config(plan, rpn=plan.rpn, rpn_outputs=rpn_outputs_read())
     if len(set(extractor.channels)) != 1:
         raise ValueError(f"the store needs one channel count for every level; the teacher has {extractor.channels}")
     sizes = plan.store_sizes
@@ -121,6 +128,7 @@ def _cache_teacher_locked(cfg, overwrite: bool, plan: TeacherPlan) -> dict:
         levels=tuple(extractor.levels), strides=tuple(extractor.strides), channels=extractor.channels[0],
         codec=plan.codec, flip=plan.flip, max_hw=max_side, sizes=sizes,
         shard_images=cfg.DISTILL.CACHE.SHARD_IMAGES, tile=cfg.DISTILL.CACHE.TILE, rpn_anchors=extractor.rpn_anchors,
+        rpn_outputs=extractor.rpn_outputs,
     )
     def open_writer(overwrite: bool) -> TeacherFeatureWriter:
         return TeacherFeatureWriter.open(cfg.DISTILL.CACHE.PATH, layout, [d["image_id"] for d in dicts], dataset,
@@ -180,7 +188,7 @@ def _cache_teacher_locked(cfg, overwrite: bool, plan: TeacherPlan) -> dict:
     infer_seconds = sum(r["teacher_seconds"] for r in ranks)
     from cache import TeacherFeatureStore
 
-    info = TeacherFeatureStore(cfg.DISTILL.CACHE.PATH, cfg.DISTILL.CACHE.STORAGE_OPTIONS).info()
+    info = TeacherFeatureStore(cfg.DISTILL.CACHE.PATH, cfg.DISTILL.CACHE.STORAGE_OPTIONS).info(disk_usage=True)
     summary = {
         "images_written": images, "images_total": info.images_total,
         "images_failed_this_run": sum(r["failed"] for r in ranks), "processes": world,

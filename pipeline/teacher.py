@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -187,12 +188,15 @@ class TeacherFeatureExtractor:
 
     With rpn=True the teacher's RPN head also runs on those features, and each level's objectness
     logits (A, h_l, w_l) and box deltas (4A, h_l, w_l) are returned as "rpn_objectness/<level>"
-    and "rpn_deltas/<level>", cropped like the features (what the `kd` method distils).
+    and "rpn_deltas/<level>", cropped like the features (what the `kd` method distils); rpn_outputs
+    picks which of the two (stage one stores only those a method reads).
     """
 
-    def __init__(self, model: torch.nn.Module, levels, input_format: str, rpn: bool = False):
+    def __init__(self, model: torch.nn.Module, levels, input_format: str, rpn: bool = False,
+                 rpn_outputs: Sequence[str] = ("rpn_objectness", "rpn_deltas")):
         self.model = model
         self.rpn = rpn
+        self.rpn_outputs = tuple(rpn_outputs) if rpn else ()
         self.levels = list(levels)
         self.input_format = input_format
         shapes = model.backbone.output_shape()
@@ -211,10 +215,11 @@ class TeacherFeatureExtractor:
             self.rpn_anchors = model.proposal_generator.rpn_head.objectness_logits.out_channels
 
     @classmethod
-    def from_config(cls, cfg: CfgNode | TeacherPlan, rpn: bool = False) -> "TeacherFeatureExtractor":
+    def from_config(cls, cfg: CfgNode | TeacherPlan, rpn: bool = False,
+                    rpn_outputs: Sequence[str] = ("rpn_objectness", "rpn_deltas")) -> "TeacherFeatureExtractor":
         """The extractor of a student config or of its resolved TeacherPlan (the teacher built once)."""
         plan = as_plan(cfg)
-        extractor = cls(build_teacher(plan), plan.levels, plan.input_format, rpn=rpn)
+        extractor = cls(build_teacher(plan), plan.levels, plan.input_format, rpn=rpn, rpn_outputs=rpn_outputs)
         if extractor.strides != list(plan.strides) or extractor.size_divisibility != plan.size_divisibility:
             raise ValueError(f"teacher strides {extractor.strides}/divisibility {extractor.size_divisibility} differ from "
                              f"those its config implies ({list(plan.strides)}/{plan.size_divisibility})")
@@ -239,7 +244,7 @@ class TeacherFeatureExtractor:
         return {
             key: features[key][0, :, : math.ceil(h / s), : math.ceil(w / s)]
             for name, s in zip(self.levels, self.strides)
-            for key in ((name, f"rpn_objectness/{name}", f"rpn_deltas/{name}") if self.rpn else (name,))
+            for key in (name, *(f"{output}/{name}" for output in self.rpn_outputs))
         }
 
 

@@ -650,7 +650,7 @@ def measure_codecs(size: str, ctx: dict, n_batches: int) -> dict:
     out = {}
     stores = {codec: TeacherFeatureStore(str(STORES / f"{size}_{codec}.zarr")) for codec in CODEC_NAMES}
     for codec, store in stores.items():
-        info = store.info()
+        info = store.info(disk_usage=True)
         levels = {lv: {"sq_err": 0.0, "sq_ref": 0.0, "max_abs": 0.0} for lv in store.layout.levels}
         for image_id, views in feats.items():
             for view, ref in views.items():

@@ -46,7 +46,7 @@ def main() -> dict:
                      **options["client_kwargs"]).create_bucket(Bucket=args.bucket)
     url = f"s3://{args.bucket}/{Path(args.store).name}"
     local = TeacherFeatureStore(args.store)
-    mib = local.info().bytes_on_disk / 2**20
+    mib = local.info(disk_usage=True).bytes_on_disk / 2**20
     timings = {}
     start = time.perf_counter()
     s3fs.S3FileSystem(**options).put(str(Path(args.store)), url, recursive=True)

@@ -68,7 +68,7 @@ def test_stage_one_writes_to_s3_the_same_features_as_to_a_local_directory(s3, s3
         for flip in (False, True):
             a, b = remote.read(int(image_id), flip=flip), local.read(int(image_id), flip=flip)
             assert all(torch.equal(a[k], b[k]) for k in b), (int(image_id), flip)
-    info, local_info = remote.info(), local.info()
+    info, local_info = remote.info(disk_usage=True), local.info(disk_usage=True)
     assert info.images_done == info.images_total == 16 and info.finalized
     # The same objects, counted through S3 listings instead of a directory walk (zarr.json attributes differ
     # by a few bytes: timestamps and timings).
@@ -154,6 +154,54 @@ def test_a_shard_whose_commit_was_lost_on_s3_is_rewritten_and_overwrite_starts_a
     fresh = TeacherFeatureWriter.open(url, layout, IDS, "synthetic", FINGERPRINT, overwrite=True, storage_options=options)
     assert fresh.pending_shards() == [0, 1, 2, 3]
     assert not s3["fs"].exists(f"{BUCKET}/synthetic.zarr/features/p2/c/0/0/0/0/0")
+
+
+class _CountingS3Calls:
+    """Counts the S3 API calls (list_objects_v2, get_object, head_object, ...) that s3fs makes while active."""
+
+    def __init__(self, monkeypatch) -> None:
+        import s3fs
+
+        self.calls: dict[str, int] = {}
+        original = s3fs.S3FileSystem._call_s3
+
+        async def counting(fs, method, *args, **kwargs):
+            self.calls[method] = self.calls.get(method, 0) + 1
+            return await original(fs, method, *args, **kwargs)
+
+        monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+
+
+def _synthetic_s3_store(url: str, n: int, options: dict) -> None:
+    layout = make_layout()
+    ids = list(range(1000, 1000 + n))
+    writer = TeacherFeatureWriter.open(url, layout, ids, "synthetic", FINGERPRINT, storage_options=options)
+    for shard in writer.pending_shards():
+        writer.write_shard(shard, [ImageEntry(ids[r], (200, 300), resized_hw_of(ids[r]), (160, 160),
+                                              synthetic_features(ids[r], layout)) for r in writer.shard_rows(shard)])
+    writer.finalize()
+
+
+def test_opening_and_summarising_a_store_reads_the_same_few_objects_for_4x_the_images_and_lists_nothing(s3, monkeypatch):
+    counted = {}
+    for n in (8, 32):
+        url = f"s3://{BUCKET}/startup{n}.zarr"
+        _synthetic_s3_store(url, n, s3["options"])
+        counter = _CountingS3Calls(monkeypatch)
+        info = TeacherFeatureStore(url, s3["options"]).info()  # what check_store does with the store at start-up
+        monkeypatch.undo()
+        assert info.images_done == n and info.complete
+        counted[n] = counter.calls
+    assert "list_objects_v2" not in counted[8] and "list_objects_v2" not in counted[32], counted
+    assert counted[8] == counted[32], counted
+
+
+def test_check_store_on_an_s3_store_lists_nothing(s3, s3_store, monkeypatch):
+    from pipeline.stage_two import check_store
+
+    counter = _CountingS3Calls(monkeypatch)
+    info = check_store(s3_store["cfg"])
+    assert info.images_done == 16 and counter.calls and "list_objects_v2" not in counter.calls, counter.calls
 
 
 def test_storage_options_for_a_local_path_are_refused_naming_them(tmp_path):

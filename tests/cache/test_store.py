@@ -81,10 +81,12 @@ def write_shards(writer: TeacherFeatureWriter, shards: list[int] | None = None) 
         writer.write_shard(shard, [entry_for(i, writer.layout) for i in ids])
 
 
-def build_store(path, layout: StoreLayout, ids=IDS, fingerprint=FINGERPRINT) -> TeacherFeatureWriter:
+def build_store(path, layout: StoreLayout, ids=IDS, fingerprint=FINGERPRINT, finalize: bool = True) -> TeacherFeatureWriter:
+    """A store with every shard written; finalize=False leaves it as a run in progress (no consolidated rows)."""
     writer = TeacherFeatureWriter.open(str(path), layout, ids, "toy_train", fingerprint)
     write_shards(writer)
-    writer.finalize({"images_per_second": 1.0})
+    if finalize:
+        writer.finalize({"images_per_second": 1.0})
     return writer
 
 
@@ -229,7 +231,7 @@ def test_resume_lists_exactly_the_unwritten_shards_and_matches_an_uninterrupted_
 
 def test_shard_written_without_its_status_chunk_is_pending_and_not_served(tmp_path):
     layout = make_layout("fp16", "mirror")
-    writer = build_store(tmp_path / "s", layout)
+    writer = build_store(tmp_path / "s", layout, finalize=False)  # a run in progress
     # A kill after the features but before the commit marker leaves exactly this: no status chunk.
     os.remove(os.path.join(str(tmp_path / "s"), "status", "c", "1"))
     writer = TeacherFeatureWriter.open(str(tmp_path / "s"), layout, IDS, "toy_train", FINGERPRINT)
@@ -258,7 +260,7 @@ def test_resume_rewrites_a_torn_shard_object_left_by_a_kill(tmp_path):
 
 def test_torn_status_chunk_counts_as_pending_and_a_rewrite_repairs_it(tmp_path):
     layout = make_layout("fp16", "mirror")
-    build_store(tmp_path / "s", layout)
+    build_store(tmp_path / "s", layout, finalize=False)  # read shard by shard (a finalized store: below)
     with open(os.path.join(str(tmp_path / "s"), "status", "c", "1"), "r+b") as f:
         f.truncate(1)
     store = TeacherFeatureStore(str(tmp_path / "s"))
@@ -273,7 +275,7 @@ def test_torn_status_chunk_counts_as_pending_and_a_rewrite_repairs_it(tmp_path):
 
 def test_damaged_size_chunk_is_refused_and_repaired_by_rewriting_its_shard(tmp_path):
     layout = make_layout("int8", "mirror")
-    writer = build_store(tmp_path / "s", layout)
+    writer = build_store(tmp_path / "s", layout, finalize=False)  # read shard by shard (a finalized store: below)
     path = os.path.join(str(tmp_path / "s"), "resized_hw", "c", "2", "0")
     with open(path, "r+b") as f:
         f.write(b"\xff\xff")
@@ -390,6 +392,153 @@ def test_writer_refuses_to_touch_a_directory_that_is_not_a_store(tmp_path):
     assert (tmp_path / "data" / "keep.txt").exists()
     with pytest.raises(NotAFeatureStoreError):
         TeacherFeatureStore(str(tmp_path / "data"))
+
+
+# ---------------------------------------------------------------- consolidated row index
+
+
+def _per_shard_rows(path) -> dict:
+    store = TeacherFeatureStore(str(path))
+    rows = store._load_per_shard_rows()
+    return {"status": rows.status, "resized_hw": rows.resized_hw, "image_ids": rows.image_ids}
+
+
+def test_a_finalized_store_is_opened_from_its_consolidated_row_index_equal_to_the_shards(tmp_path):
+    build_store(tmp_path / "s", make_layout("fp16", "mirror"))
+    store = TeacherFeatureStore(str(tmp_path / "s"))
+    assert store.rows_source == "consolidated_rows"
+    truth = _per_shard_rows(tmp_path / "s")
+    assert np.array_equal(store.image_ids, truth["image_ids"]) and np.array_equal(store._status, truth["status"])
+    assert np.array_equal(store._resized_hw, truth["resized_hw"])
+    assert verify_store(str(tmp_path / "s"), progress=False).intact
+
+
+def test_the_first_shard_write_after_finalize_drops_the_index_so_readers_see_the_shards_until_the_next(tmp_path):
+    layout = make_layout("fp16", "mirror")
+    build_store(tmp_path / "s", layout)
+    writer = TeacherFeatureWriter.open(str(tmp_path / "s"), layout, IDS, "toy_train", FINGERPRINT)
+    assert TeacherFeatureStore(str(tmp_path / "s")).rows_source == "consolidated_rows"  # opening changes nothing
+    entries = [entry_for(IDS[2], layout), ImageEntry(IDS[3], (0, 0), (0, 0), (0, 0), None, error="now unreadable")]
+    writer.write_shard(1, entries)
+    store = TeacherFeatureStore(str(tmp_path / "s"))
+    assert store.rows_source == "per-shard arrays" and IDS[3] not in store and store.sizes(IDS[3])["status"] == 2
+    writer.finalize({})
+    store = TeacherFeatureStore(str(tmp_path / "s"))
+    assert store.rows_source == "consolidated_rows" and store.sizes(IDS[3])["status"] == 2
+    assert verify_store(str(tmp_path / "s"), progress=False).intact
+
+
+def test_damage_to_a_finalized_stores_shard_rows_is_reported_by_verify_while_readers_serve_the_index(tmp_path):
+    layout = make_layout("fp16", "mirror")
+    writer = build_store(tmp_path / "s", layout)
+    with open(os.path.join(str(tmp_path / "s"), "status", "c", "1"), "r+b") as f:
+        f.truncate(1)
+    store = TeacherFeatureStore(str(tmp_path / "s"))
+    assert 307 in store  # the index holds its row, and its features are intact
+    want = synthetic_features(307, layout)["orig"]
+    assert all(np.array_equal(store.read(307)[lv].numpy(), want[lv].astype(np.float16).astype(np.float32)) for lv in LEVELS)
+    report = verify_store(str(tmp_path / "s"), progress=False)
+    assert {i for i, _ in report.bad} == shard_ids(1) and all("status" in reason for _, reason in report.bad)
+    write_shards(writer, [1])
+    writer.finalize({})
+    assert verify_store(str(tmp_path / "s"), progress=False).intact
+
+
+def test_a_damaged_consolidated_index_is_bypassed_by_readers_and_named_by_verify(tmp_path):
+    build_store(tmp_path / "s", make_layout("fp16", "mirror"))
+    with open(os.path.join(str(tmp_path / "s"), "consolidated_rows", "c", "0", "0"), "r+b") as f:
+        f.seek(8)
+        f.write(b"\xff\xff")
+    store = TeacherFeatureStore(str(tmp_path / "s"))
+    assert store.rows_source == "per-shard arrays" and all(i in store for i in IDS)
+    report = verify_store(str(tmp_path / "s"), progress=False)
+    assert not report.intact and any("consolidated_rows is unreadable" in p for p in report.problems), report.problems
+
+
+def test_verify_names_a_consolidated_index_that_differs_from_the_shards(tmp_path):
+    build_store(tmp_path / "s", make_layout("fp16", "mirror"))
+    index = zarr.open_group(str(tmp_path / "s"), mode="r+")["consolidated_rows"]
+    index[3, 1] = 0  # image 409 "not written" in the index only
+    assert 409 not in TeacherFeatureStore(str(tmp_path / "s"))
+    report = verify_store(str(tmp_path / "s"), progress=False)
+    assert any("consolidated_rows differs from the per-shard arrays in 1 rows (first: row 3, image 409)" in p
+               for p in report.problems), report.problems
+
+
+def test_a_format_2_store_gets_no_consolidated_index_and_is_read_shard_by_shard(tmp_path):
+    """Code of format 2 would not drop an index before rewriting a shard, so none is written into its stores."""
+    layout = make_layout("fp16", "mirror")
+    writer = build_store(tmp_path / "s", layout, finalize=False)
+    meta_path = tmp_path / "s" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["format_version"] = 2
+    meta_path.write_text(json.dumps(meta))
+    writer = TeacherFeatureWriter.open(str(tmp_path / "s"), layout, IDS, "toy_train", FINGERPRINT)
+    writer.finalize({})
+    assert not (tmp_path / "s" / "consolidated_rows").exists()
+    store = TeacherFeatureStore(str(tmp_path / "s"))
+    assert store.rows_source == "per-shard arrays" and all(i in store for i in IDS)
+
+
+# ---------------------------------------------------------------- RPN outputs
+
+
+def _rpn_entry(image_id: int, layout: StoreLayout) -> ImageEntry:
+    rng = np.random.default_rng(image_id)
+    resized = resized_hw_of(image_id)
+    maps = {view: {key: rng.standard_normal((layout.channels_of(key), *layout.valid_hw(key, resized))).astype(np.float32)
+                   for key in layout.stored_keys} for view in layout.views}
+    return ImageEntry(image_id, resized, resized, MAX_HW, maps)
+
+
+def test_a_layout_stores_only_the_rpn_outputs_it_names_and_records_which(tmp_path):
+    layout = _with(make_layout("fp16", "mirror"), rpn_anchors=2, rpn_outputs=("rpn_objectness",))
+    assert layout.stored_keys == LEVELS + tuple(f"rpn_objectness/{lv}" for lv in LEVELS)
+    assert layout.to_attrs()["rpn_outputs"] == ["rpn_objectness"]
+    assert StoreLayout.from_attrs(layout.to_attrs()) == layout
+    writer = TeacherFeatureWriter.open(str(tmp_path / "s"), layout, IDS[:2], "toy_train", FINGERPRINT)
+    entries = [_rpn_entry(i, layout) for i in IDS[:2]]
+    writer.write_shard(0, entries)
+    writer.finalize({})
+    assert set(os.listdir(tmp_path / "s" / "features")) - {"zarr.json"} == {*LEVELS, "rpn_objectness"}
+    store = TeacherFeatureStore(str(tmp_path / "s"))
+    got = store.read(IDS[0], flip=True)
+    assert sorted(got) == sorted(layout.stored_keys)
+    want = np.flip(entries[0].features["orig"]["rpn_objectness/p3"], axis=-1).astype(np.float16).astype(np.float32)
+    assert np.array_equal(got["rpn_objectness/p3"].numpy(), want)
+    with pytest.raises(KeyError, match=r"holds no \['rpn_deltas/p2'\]"):
+        store.read(IDS[0], keys=["rpn_deltas/p2"])
+    assert verify_store(str(tmp_path / "s"), progress=False).intact
+
+
+def test_a_store_without_the_rpn_outputs_attribute_holds_objectness_and_deltas(tmp_path):
+    """Stores written before the attribute existed hold both, and stay readable with both."""
+    layout = _with(make_layout("fp16", "mirror"), rpn_anchors=2)
+    assert "rpn_outputs" not in layout.to_attrs() and layout.rpn_outputs == ("rpn_objectness", "rpn_deltas")
+    writer = TeacherFeatureWriter.open(str(tmp_path / "s"), layout, IDS[:2], "toy_train", FINGERPRINT)
+    writer.write_shard(0, [_rpn_entry(i, layout) for i in IDS[:2]])
+    store = TeacherFeatureStore(str(tmp_path / "s"))
+    assert store.layout.rpn_outputs == ("rpn_objectness", "rpn_deltas")
+    assert tuple(store.read(IDS[1]).keys()) == layout.stored_keys
+
+
+def test_resume_refuses_a_store_holding_other_rpn_outputs_in_either_direction(tmp_path):
+    both = _with(make_layout("fp16", "mirror"), rpn_anchors=2)
+    objectness = _with(both, rpn_outputs=("rpn_objectness",))
+    args = {"image_ids": IDS, "dataset": "toy_train", "fingerprint": FINGERPRINT}
+    for stored, requested in ((both, objectness), (objectness, both)):
+        path = str(tmp_path / f"s{len(stored.rpn_outputs)}")
+        TeacherFeatureWriter.open(path, stored, **args)
+        with pytest.raises(StoreMismatchError, match="rpn_outputs: store has"):
+            TeacherFeatureWriter.open(path, requested, **args)
+
+
+def test_rpn_outputs_are_checked_and_ignored_without_anchors():
+    with pytest.raises(ValueError, match=r"rpn_outputs must be a non-empty subset of \('rpn_objectness', 'rpn_deltas'\)"):
+        _with(make_layout(), rpn_anchors=2, rpn_outputs=("rpn_boxes",))
+    with pytest.raises(ValueError, match="non-empty"):
+        _with(make_layout(), rpn_anchors=2, rpn_outputs=())
+    assert _with(make_layout(), rpn_outputs=("rpn_objectness",)) == make_layout()  # no anchors: nothing stored
 
 
 # ---------------------------------------------------------------- flip
@@ -606,7 +755,7 @@ def test_background_writer_error_makes_the_next_submit_raise():
 
 def test_info_is_a_store_info_with_counts_sizes_and_the_layout(tmp_path):
     build_store(tmp_path / "s", make_layout("int8", "mirror"))
-    info = TeacherFeatureStore(str(tmp_path / "s")).info()
+    info = TeacherFeatureStore(str(tmp_path / "s")).info(disk_usage=True)
     assert isinstance(info, StoreInfo)
     assert info.images_total == info.images_done == len(IDS) and info.images_failed == info.images_pending == 0
     raw = sum(
@@ -686,7 +835,8 @@ def _drop_layout_attribute(root: str) -> str:
 def test_cli_exits_1_naming_damaged_store_metadata_without_a_traceback(tmp_path, capsys, damage, command):
     from cache.__main__ import main
 
-    build_store(tmp_path / "s", make_layout("int8", "mirror"))
+    # Not finalized: opened from the per-shard arrays, as a store being written (or of format 2) always is.
+    build_store(tmp_path / "s", make_layout("int8", "mirror"), finalize=False)
     named = damage(str(tmp_path / "s"))
     assert main([command, str(tmp_path / "s"), *(["--quiet"] if command == "verify" else [])]) == 1
     err = capsys.readouterr().err

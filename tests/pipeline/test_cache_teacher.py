@@ -75,6 +75,29 @@ def test_an_interrupted_run_resumes_to_the_same_store(tmp_path, tiny_teacher, ti
             assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_an_rpn_store_holds_only_the_rpn_outputs_a_method_reads(tiny_rpn_store):
+    """kd distils the RPN's objectness logits; no method reads its box deltas, so stage one stores none."""
+    from pathlib import Path
+
+    from pipeline.losses import DISTILL_LOSS_REGISTRY
+
+    read = {cls.source for _, cls in DISTILL_LOSS_REGISTRY} - {"features"}
+    store = TeacherFeatureStore(tiny_rpn_store["path"])
+    assert read == {"rpn_objectness"} and store.layout.rpn_outputs == ("rpn_objectness",)
+    assert store.attrs["rpn_outputs"] == ["rpn_objectness"] and store.layout.rpn_anchors == 3
+    assert not (Path(tiny_rpn_store["path"]) / "features" / "rpn_deltas").exists()
+    image_id = int(store.image_ids[0])
+    extractor = TeacherFeatureExtractor.from_config(tiny_rpn_store["cfg"], rpn=True, rpn_outputs=("rpn_objectness",))
+    dicts = training_images(tiny_rpn_store["cfg"].DATASETS.TRAIN)
+    row = [i for i, d in enumerate(dicts) if d["image_id"] == image_id]
+    item = ResizedImages(dicts, row, store_resize(tiny_rpn_store["cfg"]), extractor.input_format)[0]
+    expected = extractor(item["image"])
+    assert sorted(expected) == sorted(store.layout.stored_keys)
+    got = store.read(image_id)
+    for key, value in expected.items():  # fp16 store: the teacher's output rounded to fp16
+        assert torch.equal(got[key], value.half().float()), key
+
+
 def test_a_store_for_other_teacher_weights_is_refused_naming_the_field(tmp_path, tiny_teacher, tiny_store):
     other = dict(tiny_teacher, weights=str(tmp_path / "other.pth"))
     state = torch.load(tiny_teacher["weights"], weights_only=True)
