@@ -175,7 +175,7 @@ def test_a_format_2_store_is_read_and_resumed_by_a_one_size_request(tmp_path, co
 def test_info_counts_raw_bytes_at_every_size_and_reports_bytes_per_view(tmp_path):
     layout = ms_layout("int8")
     build_ms(tmp_path / "s", layout)
-    info = TeacherFeatureStore(str(tmp_path / "s")).info()
+    info = TeacherFeatureStore(str(tmp_path / "s")).info(disk_usage=True)  # bytes on disk need a listing
     raw = sum(CHANNELS * math.ceil(resized_at(i, z)[0] / s) * math.ceil(resized_at(i, z)[1] / s) * 4 * 2
               for i in IDS for z in SIZES for s in STRIDES)
     assert info.raw_fp32_bytes == raw and info.sizes == list(SIZES) and len(info.views) == 6

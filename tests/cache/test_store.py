@@ -45,8 +45,10 @@ IDS = [101, 205, 307, 409, 511, 613, 715, 817]  # 4 shards of 2 images
 from tests.conftest import REPO  # noqa: E402
 
 
-def make_layout(codec: str = "fp16", flip: str = "stored", shard_images: int = 2, tile: int = 16) -> StoreLayout:
-    return StoreLayout(LEVELS, STRIDES, CHANNELS, codec, flip, MAX_HW, shard_images=shard_images, tile=tile)
+def make_layout(codec: str = "fp16", flip: str = "stored", shard_images: int = 2, tile: int = 16,
+                sizes: tuple[int, ...] = ()) -> StoreLayout:
+    """sizes=(): a format 2 layout (one size, not recorded); a recorded size makes a format 3 store."""
+    return StoreLayout(LEVELS, STRIDES, CHANNELS, codec, flip, MAX_HW, shard_images=shard_images, tile=tile, sizes=sizes)
 
 
 def resized_hw_of(image_id: int) -> tuple[int, int]:
@@ -404,7 +406,7 @@ def _per_shard_rows(path) -> dict:
 
 
 def test_a_finalized_store_is_opened_from_its_consolidated_row_index_equal_to_the_shards(tmp_path):
-    build_store(tmp_path / "s", make_layout("fp16", "mirror"))
+    build_store(tmp_path / "s", make_layout("fp16", "mirror", sizes=(100,)))
     store = TeacherFeatureStore(str(tmp_path / "s"))
     assert store.rows_source == "consolidated_rows"
     truth = _per_shard_rows(tmp_path / "s")
@@ -414,7 +416,7 @@ def test_a_finalized_store_is_opened_from_its_consolidated_row_index_equal_to_th
 
 
 def test_the_first_shard_write_after_finalize_drops_the_index_so_readers_see_the_shards_until_the_next(tmp_path):
-    layout = make_layout("fp16", "mirror")
+    layout = make_layout("fp16", "mirror", sizes=(100,))
     build_store(tmp_path / "s", layout)
     writer = TeacherFeatureWriter.open(str(tmp_path / "s"), layout, IDS, "toy_train", FINGERPRINT)
     assert TeacherFeatureStore(str(tmp_path / "s")).rows_source == "consolidated_rows"  # opening changes nothing
@@ -429,13 +431,13 @@ def test_the_first_shard_write_after_finalize_drops_the_index_so_readers_see_the
 
 
 def test_damage_to_a_finalized_stores_shard_rows_is_reported_by_verify_while_readers_serve_the_index(tmp_path):
-    layout = make_layout("fp16", "mirror")
+    layout = make_layout("fp16", "mirror", sizes=(100,))
     writer = build_store(tmp_path / "s", layout)
     with open(os.path.join(str(tmp_path / "s"), "status", "c", "1"), "r+b") as f:
         f.truncate(1)
     store = TeacherFeatureStore(str(tmp_path / "s"))
     assert 307 in store  # the index holds its row, and its features are intact
-    want = synthetic_features(307, layout)["orig"]
+    want = synthetic_features(307, layout)[layout.views[0]]
     assert all(np.array_equal(store.read(307)[lv].numpy(), want[lv].astype(np.float16).astype(np.float32)) for lv in LEVELS)
     report = verify_store(str(tmp_path / "s"), progress=False)
     assert {i for i, _ in report.bad} == shard_ids(1) and all("status" in reason for _, reason in report.bad)
@@ -445,7 +447,7 @@ def test_damage_to_a_finalized_stores_shard_rows_is_reported_by_verify_while_rea
 
 
 def test_a_damaged_consolidated_index_is_bypassed_by_readers_and_named_by_verify(tmp_path):
-    build_store(tmp_path / "s", make_layout("fp16", "mirror"))
+    build_store(tmp_path / "s", make_layout("fp16", "mirror", sizes=(100,)))
     with open(os.path.join(str(tmp_path / "s"), "consolidated_rows", "c", "0", "0"), "r+b") as f:
         f.seek(8)
         f.write(b"\xff\xff")
@@ -456,7 +458,7 @@ def test_a_damaged_consolidated_index_is_bypassed_by_readers_and_named_by_verify
 
 
 def test_verify_names_a_consolidated_index_that_differs_from_the_shards(tmp_path):
-    build_store(tmp_path / "s", make_layout("fp16", "mirror"))
+    build_store(tmp_path / "s", make_layout("fp16", "mirror", sizes=(100,)))
     index = zarr.open_group(str(tmp_path / "s"), mode="r+")["consolidated_rows"]
     index[3, 1] = 0  # image 409 "not written" in the index only
     assert 409 not in TeacherFeatureStore(str(tmp_path / "s"))
