@@ -22,7 +22,7 @@ RUN := $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone
 # KEY VALUE overrides shared by stage one and two
 STORE_OPTS := $(if $(STORE),DISTILL.CACHE.PATH $(STORE)) $(if $(CODEC),DISTILL.CACHE.CODEC $(CODEC))
 
-.PHONY: setup data teacher cache-teacher train-student baseline sweep demo test bench clean kill-test
+.PHONY: setup data teacher cache-teacher train-student baseline sweep demo test bench clean kill-test device-check
 
 setup: .venv/.setup-done
 .venv/.setup-done: requirements.txt tools/setup.sh
@@ -70,6 +70,10 @@ bench: teacher
 
 sweep: cache-teacher
 	$(PY) -m tools.sweep --methods $(METHODS) $(if $(ITERS),--iters $(ITERS)) $(OPTS)
+
+# On a GPU machine with its own torch (docs/gpu.md): needs .device/ from `bash tools/device_wheels.sh`, run here first.
+device-check:
+	bash tools/device_check.sh
 
 clean:
 	rm -rf output

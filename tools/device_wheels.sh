@@ -5,6 +5,7 @@
 #                         manylinux x86_64 (its Python is not known in advance; zarr 3 needs >= 3.11, so 3.10
 #                         has no wheels to fetch), at the versions this checkout's .venv runs;
 #   .device/detectron2/   detectron2 v0.6's Python sources, taken from the sdist as tools/setup.sh takes them;
+#   .device/requirements.txt  what device_check.sh installs from the wheelhouse;
 #   .device/MANIFEST      what was gathered, and its size (the device tool carries at most 64 MiB with the tree).
 # Then: the run call in docs/gpu.md.
 set -euo pipefail
@@ -34,7 +35,7 @@ for name in $NEEDED; do
   pins+=("$name==$(version_of "$name")")
 done
 
-rm -rf "$WH" "$OUT/detectron2" "$OUT/MANIFEST"
+rm -rf "$WH" "$OUT/detectron2" "$OUT/MANIFEST" "$OUT/requirements.txt"
 mkdir -p "$WH"
 built=()
 for name in $SDIST_ONLY; do built+=("$name==$(version_of "$name")"); done
@@ -61,6 +62,9 @@ tar -xzf "$(ls "$tmp"/*.tar.gz | head -n1)" -C "$tmp"
 src=$(dirname "$(find "$tmp" -type f -path '*/detectron2/__init__.py' | sort | head -n1)")
 cp -r "$src" "$OUT/detectron2"
 find "$OUT/detectron2" -name "__pycache__" -prune -exec rm -rf {} +
+
+# What tools/device_check.sh asks pip for, from the wheelhouse alone.
+printf '%s\n' "${pins[@]}" $PRESENT > "$OUT/requirements.txt"
 
 {
   echo "# gathered by tools/device_wheels.sh on $(date -u +%Y-%m-%dT%H:%MZ) for CPython $PYTHONS"
