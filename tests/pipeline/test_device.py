@@ -93,7 +93,8 @@ def test_batches_are_pinned_only_for_a_cuda_device():
 def test_the_students_loader_pins_images_and_teacher_maps_on_the_device(tiny_store, tiny_teacher, tmp_path, device):
     from pipeline.stage_two import StudentTrainer
 
-    cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", tiny_store["path"], "MODEL.DEVICE", device.type)
+    cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", tiny_store["path"],
+                           "MODEL.DEVICE", device.type)
     it = iter(StudentTrainer.build_train_loader(cfg))
     batch = next(it)
     getattr(it, "close", lambda: None)()

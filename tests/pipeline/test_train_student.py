@@ -33,7 +33,8 @@ def test_cache_mode_never_builds_the_teacher(tiny_store, tiny_teacher, tmp_path,
 
 
 def test_training_steps_from_the_store_reduce_the_total_loss(tiny_store, tiny_teacher, tmp_path, device):
-    cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", tiny_store["path"], "MODEL.DEVICE", device.type)
+    cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", tiny_store["path"],
+                           "MODEL.DEVICE", device.type)
     torch.manual_seed(0)
     model = build_model(cfg).train()
     assert model.device.type == device.type
@@ -57,7 +58,8 @@ def test_a_live_teacher_on_the_device_gives_the_loss_kd_of_the_store_written_on_
     # The store is fp16 of the CPU teacher; live, the teacher runs on the device under test. fp16 rounding
     # moves loss_kd by at most 1e-3 (tests/pipeline/test_parity.py); the devices' float32 differ far less.
     cfgs = {source: make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", tiny_store["path"],
-                                     "DISTILL.SOURCE", source, "MODEL.DEVICE", device.type) for source in ("cache", "live")}
+                                     "DISTILL.SOURCE", source, "MODEL.DEVICE", device.type)
+            for source in ("cache", "live")}
     batch = _one_batch(cfgs["cache"])  # the same images and flips for both
     values = {}
     for source, cfg in cfgs.items():

@@ -25,8 +25,8 @@ def frozen_bn_outputs(model, x) -> list[torch.Tensor]:
 
 
 def test_calibration_gives_every_frozen_bn_zero_mean_unit_variance_outputs_on_its_image(tmp_path):
-    cfg = get_distill_cfg(None, ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
-                                 "MODEL.RESNETS.NORM", "FrozenBN", "MODEL.WEIGHTS", ""])
+    cfg = get_distill_cfg(None, ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.NORM", "FrozenBN",
+                                 "MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "MODEL.WEIGHTS", ""])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
@@ -51,7 +51,8 @@ def test_results_merge_part_by_part_and_keep_the_first_machine_description(tmp_p
     write_merged(path, "teacher", {"runs": [1]}, {"gpu": "H200"})
     write_merged(path, "student", {"modes": {}}, {"gpu": "another"})
     write_merged(path, "teacher", {"runs": [2]}, {"gpu": "another"})
-    assert json.loads(path.read_text()) == {"machine": {"gpu": "H200"}, "teacher": {"runs": [2]}, "student": {"modes": {}}}
+    assert json.loads(path.read_text()) == {"machine": {"gpu": "H200"}, "teacher": {"runs": [2]},
+                                            "student": {"modes": {}}}
 
 
 def test_timed_discards_the_warm_up_calls():
