@@ -22,7 +22,7 @@ RUN := $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone
 # KEY VALUE overrides shared by stage one and two
 STORE_OPTS := $(if $(STORE),DISTILL.CACHE.PATH $(STORE)) $(if $(CODEC),DISTILL.CACHE.CODEC $(CODEC))
 
-.PHONY: setup lock data teacher cache-teacher train-student baseline sweep demo test bench clean kill-test
+.PHONY: setup lock data teacher cache-teacher train-student baseline sweep demo test bench clean kill-test device-check
 
 # The venv from requirements.txt, the lock (every version pinned, with hashes), and detectron2.
 setup: .venv/.setup-done
@@ -85,6 +85,10 @@ SWEEP_OUT ?=
 sweep: cache-teacher
 	$(PY) -m tools.sweep --config-file $(STUDENT_CFG) $(if $(SWEEP_OUT),--out $(SWEEP_OUT)) --methods $(METHODS) \
 	  $(if $(ITERS),--iters $(ITERS)) $(OPTS)
+
+# On a GPU machine with its own torch (docs/gpu.md): needs .device/ from `bash tools/device_wheels.sh`, run here first.
+device-check:
+	bash tools/device_check.sh
 
 clean:
 	rm -rf output

@@ -23,7 +23,7 @@ def init_from_env(device: str) -> bool:
     """Join the process group torchrun describes; False (nothing done) for a single process.
 
     A group made before (by detectron2's `launch`) is kept. `device` is cfg.MODEL.DEVICE: a CUDA device
-    gives nccl with this process on GPU LOCAL_RANK, anything else gloo.
+    gives nccl with this process on GPU LOCAL_RANK (so name it "cuda", not "cuda:N"), anything else gloo.
     """
     if dist.is_available() and dist.is_initialized():
         return True
@@ -36,9 +36,16 @@ def init_from_env(device: str) -> bool:
         raise ValueError(f"WORLD_SIZE={world_size} is not a multiple of LOCAL_WORLD_SIZE={local_world_size}: "
                          "start the same number of processes on every machine (torchrun --nproc_per_node)")
     use_cuda = device.startswith("cuda") and torch.cuda.is_available()
+    if use_cuda and torch.device(device).index not in (None, local_rank):
+        raise ValueError(f"MODEL.DEVICE={device!r} with {world_size} processes: each process takes GPU LOCAL_RANK "
+                         f"(here {local_rank}); set MODEL.DEVICE cuda (CUDA_VISIBLE_DEVICES picks the GPUs)")
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
+        # Bound to this process's GPU: unbound, NCCL guesses GPU (global rank % GPUs per machine) for its first
+        # barrier, which is another process's GPU wherever a machine runs fewer processes than it has GPUs.
+        dist.init_process_group(backend="nccl", init_method="env://", device_id=torch.device("cuda", local_rank))
+    else:
+        dist.init_process_group(backend="gloo", init_method="env://")
     # detectron2's launch() does the same: every rank creates every machine's group, in the same order.
     node = dist.get_rank() // local_world_size
     for i in range(world_size // local_world_size):

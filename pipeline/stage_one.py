@@ -145,8 +145,9 @@ def _cache_teacher_locked(cfg, overwrite: bool, plan: TeacherPlan) -> dict:
     logger.info("store %s: %d of %d shards to write (%d images) on rank %d of %d, codec %s, flip %s, short edges %s",
                 cfg.DISTILL.CACHE.PATH, len(shards), writer.num_shards, len(rows), rank, world, layout.codec, layout.flip,
                 list(sizes))
+    # Pinned on a GPU, so the teacher's non-blocking copy of each image overlaps its compute.
     loader = DataLoader(ResizedImages(dicts, rows, rule, plan.input_format), batch_size=None, shuffle=False,
-                        num_workers=cfg.DATALOADER.NUM_WORKERS)
+                        num_workers=cfg.DATALOADER.NUM_WORKERS, pin_memory=extractor.device.type == "cuda")
     flips = layout.flip_views
     start = time.perf_counter()
     infer_seconds, failed, bytes_written = 0.0, {}, 0

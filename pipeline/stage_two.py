@@ -9,6 +9,7 @@ import logging
 import statistics
 from pathlib import Path
 
+from pipeline import loader
 from pipeline.init_stage import INIT_STAGE_FILE, InitStageHook
 from pipeline.losses import loss_class, loss_weight
 from pipeline.mapper import ON_BAD_ENTRY, DistillDatasetMapper
@@ -26,7 +27,8 @@ class StudentTrainer(Trainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=DistillDatasetMapper(cfg, True))
+        return loader.for_device(build_detection_train_loader(cfg, mapper=DistillDatasetMapper(cfg, True)),
+                                 cfg.MODEL.DEVICE)
 
     def build_hooks(self):
         clip = self.cfg.SOLVER.CLIP_GRADIENTS

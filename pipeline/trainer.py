@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from pipeline import datasets, distributed
+from pipeline import datasets, distributed, loader
 from pipeline.config import get_distill_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultTrainer, default_setup
@@ -24,6 +24,11 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         with distributed.ddp_for_device(cfg.MODEL.DEVICE):
             super().__init__(cfg)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's training loader, its batches pinned ahead on a GPU (pipeline/loader.py)."""
+        return loader.for_device(super().build_train_loader(cfg), cfg.MODEL.DEVICE)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -47,6 +47,30 @@ SOLVER:
 """
 
 
+# The devices a device-dependent test runs on: the CPU, and CUDA where torch finds it. On a machine
+# without CUDA the cuda cases are reported as skipped; tools/device_check.sh runs them on a GPU (-k cuda).
+DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device here (tools/device_check.sh runs these on a GPU)")))
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """The device under test; test ids name it (e.g. [hint-cuda]), so `pytest -k cuda` selects the GPU cases.
+
+    On CUDA, TF32 is off while the test runs: cuDNN convolutions use it by default, which rounds inputs to
+    10 mantissa bits (about 5e-4), and these tests hold values to float32 tolerances.
+    """
+    if request.param != "cuda":
+        yield torch.device(request.param)
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield torch.device("cuda")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_data() -> Path:
     from tools.embedded_data import generate

@@ -32,10 +32,12 @@ def test_cache_mode_never_builds_the_teacher(tiny_store, tiny_teacher, tmp_path,
     assert torch.isfinite(losses["loss_kd"]) and losses["loss_kd"] > 0
 
 
-def test_training_steps_from_the_store_reduce_the_total_loss(tiny_store, tiny_teacher, tmp_path):
-    cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", tiny_store["path"])
+def test_training_steps_from_the_store_reduce_the_total_loss(tiny_store, tiny_teacher, tmp_path, device):
+    cfg = make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", tiny_store["path"],
+                           "MODEL.DEVICE", device.type)
     torch.manual_seed(0)
     model = build_model(cfg).train()
+    assert model.device.type == device.type
     batch = _one_batch(cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
     totals, kd = [], []
@@ -49,6 +51,27 @@ def test_training_steps_from_the_store_reduce_the_total_loss(tiny_store, tiny_te
             totals.append(total.item())
             kd.append(losses["loss_kd"].item())
     assert totals[-1] < totals[0] and kd[-1] < kd[0], (totals, kd)
+
+
+def test_a_live_teacher_on_the_device_gives_the_loss_kd_of_the_store_written_on_the_cpu(tiny_store, tiny_teacher,
+                                                                                         tmp_path, device):
+    # The store is fp16 of the CPU teacher; live, the teacher runs on the device under test. fp16 rounding
+    # moves loss_kd by at most 1e-3 (tests/pipeline/test_parity.py); the devices' float32 differ far less.
+    cfgs = {source: make_student_cfg(tmp_path, tiny_teacher, "DISTILL.CACHE.PATH", tiny_store["path"],
+                                     "DISTILL.SOURCE", source, "MODEL.DEVICE", device.type)
+            for source in ("cache", "live")}
+    batch = _one_batch(cfgs["cache"])  # the same images and flips for both
+    values = {}
+    for source, cfg in cfgs.items():
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        with EventStorage(0):
+            losses = model(batch)
+        assert all(v.device.type == device.type for v in losses.values())
+        losses["loss_kd"].backward()
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+        values[source] = losses["loss_kd"].item()
+    assert abs(values["cache"] - values["live"]) <= 1e-3 * abs(values["live"]), values
 
 
 def test_train_student_logs_loss_kd_and_writes_metrics(tiny_store, tiny_teacher, tmp_path):

@@ -27,14 +27,15 @@ SIZES = {"student_channels": 4, "teacher_channels": 4, "num_levels": 2, "num_ima
 CLASSES = {"cwd": ChannelWiseDivergenceLoss, "pkd": PKDLoss, "mgd": MGDLoss}
 
 
-def build(method: str, **kwargs):
+def build(method: str, device="cpu", **kwargs):
     torch.manual_seed(0)
-    return build_distill_loss(method, **SIZES, **kwargs)
+    return build_distill_loss(method, **SIZES, **kwargs).to(device)
 
 
 def score(loss, students, teachers, masks, rows=(3, 1)):
-    """The loss, with the images' store rows for the methods that take them (mgd)."""
-    extra = {"rows": torch.tensor(rows[: students[0].shape[0]])} if loss.needs_image_index else {}
+    """The loss, with the images' store rows (on the students' device) for the methods that take them (mgd)."""
+    rows = torch.tensor(rows[: students[0].shape[0]], device=students[0].device)
+    extra = {"rows": rows} if loss.needs_image_index else {}
     return loss(students, teachers, masks, **extra)
 
 
@@ -235,13 +236,13 @@ def test_mgd_masks_depend_only_on_seed_step_row_and_level():
     assert mixed_seed(0, 1, 2) == mixed_seed(0, 1, 2) != mixed_seed(0, 2, 1) and 0 <= mixed_seed(5, 9) < 2**63
 
 
-def test_mgd_draws_new_masks_each_training_step_and_keeps_the_step_in_its_state():
-    s, t, m = two_level_batch()
-    loss = build("mgd").train()
+def test_mgd_draws_new_masks_each_training_step_and_keeps_the_step_in_its_state(device):
+    s, t, m = two_level_batch(device=device)
+    loss = build("mgd", device).train()
     first = score(loss, s, t, m).item()
     assert int(loss.step) == 1
     assert score(loss, s, t, m).item() != first  # step 1: other masks
-    restored = build("mgd")
+    restored = build("mgd", device)
     restored.load_state_dict({**loss.state_dict(), "step": torch.tensor(0)})
     assert score(restored, s, t, m).item() == pytest.approx(first, rel=1e-6)
     assert "step" in loss.state_dict() and int(loss.state_dict()["step"]) == 2
@@ -266,9 +267,9 @@ def test_mgd_needs_one_row_per_image_and_its_level_count():
 
 @pytest.mark.parametrize("method", OURS)
 @pytest.mark.parametrize("value", [1e30, float("inf"), float("nan")])
-def test_padding_content_even_inf_or_nan_does_not_change_the_loss(method, value):
-    s, t, m = two_level_batch()
-    loss = build(method).eval()
+def test_padding_content_even_inf_or_nan_does_not_change_the_loss(method, value, device):
+    s, t, m = two_level_batch(device=device)
+    loss = build(method, device).eval()
     clean = score(loss, s, t, m)
     fill = with_padding if math.isnan(value) else fill_padding  # NaN has no sign to vary
     s, t = [fill(f, mask, value) for f, mask in zip(s, m)], [fill(f, mask, value) for f, mask in zip(t, m)]
@@ -277,11 +278,11 @@ def test_padding_content_even_inf_or_nan_does_not_change_the_loss(method, value)
 
 @pytest.mark.parametrize("method", OURS)
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])
-def test_gradients_are_finite_reach_the_student_and_are_zero_on_padding_holding_inf_or_nan(method, value):
-    s, t, m = two_level_batch()
+def test_gradients_are_finite_reach_the_student_and_are_zero_on_padding_holding_inf_or_nan(method, value, device):
+    s, t, m = two_level_batch(device=device)
     s = [with_padding(f, mask, value).requires_grad_() for f, mask in zip(s, m)]
     t = [with_padding(f, mask, -value) for f, mask in zip(t, m)]
-    loss = build(method).train()
+    loss = build(method, device).train()
     score(loss, s, t, m).backward()
     for f, mask in zip(s, m):
         assert torch.isfinite(f.grad).all()
@@ -292,10 +293,10 @@ def test_gradients_are_finite_reach_the_student_and_are_zero_on_padding_holding_
 
 
 @pytest.mark.parametrize("method", OURS)
-def test_padded_image_scores_like_the_image_cropped_to_its_valid_region(method):
-    s, t, m = two_level_batch()
+def test_padded_image_scores_like_the_image_cropped_to_its_valid_region(method, device):
+    s, t, m = two_level_batch(device=device)
     one = slice(1, 2)  # image 1 is the padded one
-    loss = build(method).eval()
+    loss = build(method, device).eval()
     padded = score(loss, [f[one] for f in s], [f[one] for f in t], [mask[one] for mask in m], rows=(4,))
     crops = [valid[1] for valid in LEVEL_VALID]
     cropped = score(loss, [f[one, :, :h, :w] for f, (h, w) in zip(s, crops)],
@@ -305,15 +306,15 @@ def test_padded_image_scores_like_the_image_cropped_to_its_valid_region(method):
 
 
 @pytest.mark.parametrize("method", ["cwd", "pkd"])
-def test_identical_student_and_teacher_give_zero(method):
-    s, _, m = two_level_batch()
-    assert abs(score(build(method), s, [f.clone() for f in s], m).item()) < 1e-6
+def test_identical_student_and_teacher_give_zero(method, device):
+    s, _, m = two_level_batch(device=device)
+    assert abs(score(build(method, device), s, [f.clone() for f in s], m).item()) < 1e-6
 
 
 @pytest.mark.parametrize("method", OURS)
-def test_half_precision_inputs_give_a_float32_loss(method):
-    s, t, m = two_level_batch()
-    loss = build(method).eval()
+def test_half_precision_inputs_give_a_float32_loss(method, device):
+    s, t, m = two_level_batch(device=device)
+    loss = build(method, device).eval()
     half = score(loss, [f.half() for f in s], [f.half() for f in t], m)
     assert half.dtype == torch.float32
     full = score(loss, [f.half().float() for f in s], [f.half().float() for f in t], m)

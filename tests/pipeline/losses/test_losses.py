@@ -51,7 +51,7 @@ def smooth_l1(d: float) -> float:
 
 def fill_padding(features: torch.Tensor, mask: torch.Tensor, value: float) -> torch.Tensor:
     """Put huge, varying values on the padding: a loss that reads padding changes or overflows."""
-    noise = torch.randn(features.shape, generator=seeded(99)).sign() * value
+    noise = (torch.randn(features.shape, generator=seeded(99)).sign() * value).to(features.device)
     return torch.where(mask, features, noise)
 
 
@@ -60,12 +60,13 @@ LEVEL_SHAPES = [(6, 8), (3, 4)]
 LEVEL_VALID = [[(6, 8), (4, 5)], [(3, 4), (2, 3)]]
 
 
-def two_level_batch(channels_student: int = 4, channels_teacher: int = 4, seed: int = 0):
+def two_level_batch(channels_student: int = 4, channels_teacher: int = 4, seed: int = 0, device="cpu"):
+    """Students, teachers and masks of two levels, drawn on the CPU (the same values on every device), on device."""
     g = seeded(seed)
     students = [torch.randn(2, channels_student, h, w, generator=g) for h, w in LEVEL_SHAPES]
     teachers = [torch.randn(2, channels_teacher, h, w, generator=g) for h, w in LEVEL_SHAPES]
     masks = [box_mask(2, h, w, valid) for (h, w), valid in zip(LEVEL_SHAPES, LEVEL_VALID)]
-    return students, teachers, masks
+    return tuple([x.to(device) for x in part] for part in (students, teachers, masks))
 
 
 # --------------------------------------------------------------------------- registry
@@ -140,7 +141,7 @@ def test_the_loss_is_the_mean_over_levels():
 # --------------------------------------------------------------------------- values by hand
 
 
-def test_hint_value_by_hand():
+def test_hint_value_by_hand(device):
     g = seeded(1)
     s, t = torch.randn(2, 2, 2, 2, generator=g), torch.randn(2, 2, 2, 2, generator=g)
     mask = box_mask(2, 2, 2, [(2, 2), (2, 1)])  # 4 + 2 valid positions
@@ -150,7 +151,7 @@ def test_hint_value_by_hand():
             for c in range(2):
                 total += (s[b, c, y, x].item() - t[b, c, y, x].item()) ** 2
     expected = total / (6 * 2)  # valid positions x channels
-    assert HintLoss()([s], [t], [mask]).item() == pytest.approx(expected, rel=1e-6)
+    assert HintLoss()([s.to(device)], [t.to(device)], [mask.to(device)]).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_hint_rejects_different_widths():
@@ -254,7 +255,7 @@ def reference_rkd(student: list[list[float]], teacher: list[list[float]]) -> flo
     return 25 * distance_loss + 50 * angle_loss
 
 
-def test_rkd_value_by_hand():
+def test_rkd_value_by_hand(device):
     g = seeded(6)
     s, t = torch.randn(1, 2, 2, 2, generator=g), 3 * torch.randn(1, 3, 2, 2, generator=g)  # widths differ
     mask = box_mask(1, 2, 2, [(2, 2)])
@@ -262,10 +263,11 @@ def test_rkd_value_by_hand():
     positions = valid_positions(mask, 0)
     student = [[s[0, c, y, x].item() for c in range(2)] for y, x in positions]
     teacher = [[t[0, c, y, x].item() for c in range(3)] for y, x in positions]
-    assert RKDLoss()([s], [t], [mask]).item() == pytest.approx(reference_rkd(student, teacher), rel=1e-5)
+    value = RKDLoss()([s.to(device)], [t.to(device)], [mask.to(device)]).item()
+    assert value == pytest.approx(reference_rkd(student, teacher), rel=1e-5)
 
 
-def test_pkt_value_by_hand():
+def test_pkt_value_by_hand(device):
     g = seeded(7)
     s, t = torch.randn(1, 3, 2, 2, generator=g), torch.randn(1, 2, 2, 2, generator=g)
     mask = box_mask(1, 2, 2, [(1, 2)])
@@ -284,7 +286,7 @@ def test_pkt_value_by_hand():
     expected = sum(
         p_t[i][j] * math.log((p_t[i][j] + eps) / (p_s[i][j] + eps)) for i in range(n) for j in range(n)
     ) / n**2
-    assert PKTLoss()([s], [t], [mask]).item() == pytest.approx(expected, rel=1e-4)
+    assert PKTLoss()([s.to(device)], [t.to(device)], [mask.to(device)]).item() == pytest.approx(expected, rel=1e-4)
 
 
 def test_kdsvd_value_by_hand():
@@ -363,7 +365,7 @@ def reference_kdsvd(students, teachers, masks, k: int = 1) -> float:
 
 
 @pytest.mark.parametrize("k", [1, 2])
-def test_kdsvd_matches_a_numpy_svd_restatement(k):
+def test_kdsvd_matches_a_numpy_svd_restatement(k, device):
     g = seeded(8)
     shapes, valid = [(6, 5), (3, 3), (2, 2)], [[(6, 5), (5, 3)], [(3, 3), (3, 2)], [(2, 2), (2, 1)]]
     students = [torch.randn(2, 4, h, w, generator=g) for h, w in shapes]
@@ -371,7 +373,8 @@ def test_kdsvd_matches_a_numpy_svd_restatement(k):
     masks = [box_mask(2, h, w, v) for (h, w), v in zip(shapes, valid)]
     # Image 1's last level has 2 valid positions: the student gets 2 candidates, not k + 3.
     expected = reference_kdsvd(students, teachers, masks, k=k)
-    assert KDSVDLoss(k=k)(students, teachers, masks).item() == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    on_device = [[x.to(device) for x in part] for part in (students, teachers, masks)]
+    assert KDSVDLoss(k=k)(*on_device).item() == pytest.approx(expected, rel=1e-5, abs=1e-9)
 
 
 def test_kdsvd_needs_two_levels_and_equal_widths():
@@ -400,7 +403,7 @@ def test_kdsvd_singular_vector_gradient_matches_torch_svd_on_a_regular_matrix():
     "degenerate",
     ["zero map", "constant map", "repeated channels", "fewer positions than channels"],
 )
-def test_kdsvd_gradients_stay_finite_on_degenerate_maps(degenerate):
+def test_kdsvd_gradients_stay_finite_on_degenerate_maps(degenerate, device):
     g = seeded(11)
     s, t, m = two_level_batch(channels_student=6, channels_teacher=6)
     if degenerate == "zero map":
@@ -413,6 +416,7 @@ def test_kdsvd_gradients_stay_finite_on_degenerate_maps(degenerate):
         s.append(torch.randn(2, 6, 2, 2, generator=g))
         t.append(torch.randn(2, 6, 2, 2, generator=g))
         m.append(box_mask(2, 2, 2, [(2, 2), (1, 1)]))
+    s, t, m = ([x.to(device) for x in part] for part in (s, t, m))
     s = [level.requires_grad_() for level in s]
     loss = KDSVDLoss()(s, t, m)
     loss.backward()
@@ -425,8 +429,8 @@ def test_kdsvd_gradients_stay_finite_on_degenerate_maps(degenerate):
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
-def test_padding_content_does_not_change_the_loss(method):
-    s, t, m = two_level_batch()
+def test_padding_content_does_not_change_the_loss(method, device):
+    s, t, m = two_level_batch(device=device)
     loss = build_distill_loss(method)
     clean = loss(s, t, m)
     for value in (1e30, float("inf")):
@@ -436,8 +440,8 @@ def test_padding_content_does_not_change_the_loss(method):
 
 
 @pytest.mark.parametrize("method", PER_IMAGE_METHODS)
-def test_padded_image_scores_like_the_image_cropped_to_its_valid_region(method):
-    s, t, m = two_level_batch()
+def test_padded_image_scores_like_the_image_cropped_to_its_valid_region(method, device):
+    s, t, m = two_level_batch(device=device)
     one = slice(1, 2)  # image 1 is the padded one
     padded = build_distill_loss(method)([f[one] for f in s], [f[one] for f in t], [mask[one] for mask in m])
     crops = [valid[1] for valid in LEVEL_VALID]
@@ -450,8 +454,8 @@ def test_padded_image_scores_like_the_image_cropped_to_its_valid_region(method):
 
 
 @pytest.mark.parametrize("method", ["rkd", "pkt"])
-def test_sampling_methods_score_a_padded_image_like_its_crop_when_subsampling(method):
-    s, t, m = two_level_batch()
+def test_sampling_methods_score_a_padded_image_like_its_crop_when_subsampling(method, device):
+    s, t, m = two_level_batch(device=device)
     one, (h, w) = slice(1, 2), LEVEL_VALID[0][1]
     loss = build_distill_loss(method, max_samples=7)
     padded = loss([s[0][one]], [t[0][one]], [m[0][one]])
@@ -460,14 +464,14 @@ def test_sampling_methods_score_a_padded_image_like_its_crop_when_subsampling(me
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
-def test_identical_student_and_teacher_give_zero(method):
-    s, _, m = two_level_batch()
+def test_identical_student_and_teacher_give_zero(method, device):
+    s, _, m = two_level_batch(device=device)
     assert abs(build_distill_loss(method)(s, [f.clone() for f in s], m).item()) < 1e-6
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
-def test_gradients_reach_the_student_are_finite_and_skip_padding(method):
-    s, t, m = two_level_batch()
+def test_gradients_reach_the_student_are_finite_and_skip_padding(method, device):
+    s, t, m = two_level_batch(device=device)
     s = [f.requires_grad_() for f in s]
     build_distill_loss(method)(s, t, m).backward()
     for f, mask in zip(s, m):
@@ -477,8 +481,8 @@ def test_gradients_reach_the_student_are_finite_and_skip_padding(method):
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
-def test_half_precision_inputs_give_a_float32_loss(method):
-    s, t, m = two_level_batch()
+def test_half_precision_inputs_give_a_float32_loss(method, device):
+    s, t, m = two_level_batch(device=device)
     loss = build_distill_loss(method)
     half = loss([f.half() for f in s], [f.half() for f in t], m)
     assert half.dtype == torch.float32
@@ -490,7 +494,7 @@ def test_half_precision_inputs_give_a_float32_loss(method):
 
 
 @pytest.mark.parametrize("method,max_samples", [("rkd", 128), ("pkt", 512), ("rkd", 50)])
-def test_relational_methods_use_at_most_max_samples_positions(method, max_samples):
+def test_relational_methods_use_at_most_max_samples_positions(method, max_samples, device):
     g = seeded(12)
     s, t = torch.randn(2, 16, 64, 64, generator=g), torch.randn(2, 16, 64, 64, generator=g)
     mask = box_mask(2, 64, 64, [(64, 64), (40, 50)])
@@ -505,4 +509,4 @@ def test_relational_methods_use_at_most_max_samples_positions(method, max_sample
     teacher = torch.stack([t[b, :, y, x] for b, y, x in picked])
     as_map = lambda rows: rows.T.reshape(1, 16, 1, max_samples)  # noqa: E731 - one row of positions
     explicit = loss([as_map(student)], [as_map(teacher)], [torch.ones(1, 1, 1, max_samples, dtype=torch.bool)])
-    assert loss([s], [t], [mask]).item() == pytest.approx(explicit.item(), rel=1e-5)
+    assert loss([s.to(device)], [t.to(device)], [mask.to(device)]).item() == pytest.approx(explicit.item(), rel=1e-5)

@@ -37,15 +37,16 @@ PER_IMAGE = ("fsp", "vid", "abound", "factor", "kd", "crd")
 SIZES = {"student_channels": 4, "teacher_channels": 4, "num_levels": 2, "num_images": 5}
 
 
-def build(method: str, **kwargs):
+def build(method: str, device="cpu", **kwargs):
     """The method's loss for two_level_batch (4 channels, 2 levels, a 5-image bank), in eval mode (crd's bank frozen)."""
     torch.manual_seed(0)
-    return build_distill_loss(method, **SIZES, **kwargs).eval()
+    return build_distill_loss(method, **SIZES, **kwargs).to(device).eval()
 
 
 def score(loss, students, teachers, masks, rows=(0, 1)):
-    """The loss, with crd's rows and a fixed draw of its negatives."""
-    extra = {"rows": torch.tensor(rows[: students[0].shape[0]])} if loss.needs_image_index else {}
+    """The loss, with crd's rows (on the students' device) and a fixed draw of its negatives."""
+    rows = torch.tensor(rows[: students[0].shape[0]], device=students[0].device)
+    extra = {"rows": rows} if loss.needs_image_index else {}
     torch.manual_seed(1)
     return loss(students, teachers, masks, **extra)
 
@@ -233,9 +234,9 @@ def test_crd_bank_memory_is_images_times_dim_times_four_bytes_per_bank_as_docume
 
 
 @pytest.mark.parametrize("method", NEW_METHODS)
-def test_padding_content_does_not_change_the_loss(method):
-    s, t, m = two_level_batch()
-    loss = build(method)
+def test_padding_content_does_not_change_the_loss(method, device):
+    s, t, m = two_level_batch(device=device)
+    loss = build(method, device)
     clean = score(loss, s, t, m)
     for value in (1e30, float("inf")):
         noisy = score(loss, [fill_padding(f, mask, value) for f, mask in zip(s, m)],
@@ -244,10 +245,10 @@ def test_padding_content_does_not_change_the_loss(method):
 
 
 @pytest.mark.parametrize("method", PER_IMAGE)
-def test_padded_image_scores_like_the_image_cropped_to_its_valid_region(method):
-    s, t, m = two_level_batch()
+def test_padded_image_scores_like_the_image_cropped_to_its_valid_region(method, device):
+    s, t, m = two_level_batch(device=device)
     one = slice(1, 2)  # image 1 is the padded one
-    loss = build(method)
+    loss = build(method, device)
     padded = score(loss, [f[one] for f in s], [f[one] for f in t], [mask[one] for mask in m])
     crops = [valid[1] for valid in LEVEL_VALID]
     cropped = score(loss, [f[one, :, :h, :w] for f, (h, w) in zip(s, crops)],
@@ -257,16 +258,16 @@ def test_padded_image_scores_like_the_image_cropped_to_its_valid_region(method):
 
 
 @pytest.mark.parametrize("method", ["fsp", "kd"])
-def test_identical_student_and_teacher_give_zero(method):
-    s, _, m = two_level_batch()
-    assert abs(score(build(method), s, [f.clone() for f in s], m).item()) < 1e-6
+def test_identical_student_and_teacher_give_zero(method, device):
+    s, _, m = two_level_batch(device=device)
+    assert abs(score(build(method, device), s, [f.clone() for f in s], m).item()) < 1e-6
 
 
 @pytest.mark.parametrize("method", NEW_METHODS)
-def test_gradients_reach_the_student_are_finite_and_skip_padding(method):
-    s, t, m = two_level_batch()
+def test_gradients_reach_the_student_are_finite_and_skip_padding(method, device):
+    s, t, m = two_level_batch(device=device)
     s = [f.requires_grad_() for f in s]
-    score(build(method), s, t, m).backward()
+    score(build(method, device), s, t, m).backward()
     for f, mask in zip(s, m):
         assert torch.isfinite(f.grad).all()
         assert (f.grad[~mask.expand_as(f)] == 0).all()
@@ -274,9 +275,9 @@ def test_gradients_reach_the_student_are_finite_and_skip_padding(method):
 
 
 @pytest.mark.parametrize("method", NEW_METHODS)
-def test_half_precision_inputs_give_a_float32_loss(method):
-    s, t, m = two_level_batch()
-    loss = build(method)
+def test_half_precision_inputs_give_a_float32_loss(method, device):
+    s, t, m = two_level_batch(device=device)
+    loss = build(method, device)
     half = score(loss, [f.half() for f in s], [f.half() for f in t], m)
     assert half.dtype == torch.float32
     full = score(loss, [f.half().float() for f in s], [f.half().float() for f in t], m)
