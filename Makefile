@@ -15,6 +15,7 @@ CODEC ?=
 OPTS ?=
 METHODS ?= hint attention similarity nst rkd pkt kdsvd fsp correlation vid crd abound factor kd
 NPROC ?= 1
+SEEDS ?= 1
 
 # NPROC=N runs stage one or two as N processes on this machine through torchrun (docs/scale-out.md)
 RUN := $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m,$(PY) -m)
@@ -60,7 +61,7 @@ bench: teacher
 	$(PY) -m tools.bench $(BENCH_OPTS)
 
 sweep: cache-teacher
-	$(PY) -m tools.sweep --methods $(METHODS) $(if $(ITERS),--iters $(ITERS)) $(OPTS)
+	$(PY) -m tools.sweep --methods $(METHODS) --seeds $(SEEDS) $(if $(ITERS),--iters $(ITERS)) $(OPTS)
 
 clean:
 	rm -rf output
