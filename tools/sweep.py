@@ -308,7 +308,7 @@ def _plot(runs: list[dict], rows: list[dict], teacher_ap: float | None, path: Pa
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config-file", default="configs/embedded/student_R50_FPN.yaml")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), help="distillation methods besides the baseline (none: the baseline alone)")
     parser.add_argument("--seeds", type=int, default=1, help="runs per method (seed index 0..N-1)")
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--b", nargs="*", default=[], help="METHOD=WEIGHT overrides of losses.DEFAULT_WEIGHTS")

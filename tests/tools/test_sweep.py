@@ -131,3 +131,25 @@ def test_a_finished_run_is_reused_only_when_its_command_matches(tmp_path, monkey
     assert len(calls) == 2
     run_student(["pipeline.train_student", "SEED", "1"], tmp_path, reuse=False)
     assert len(calls) == 3
+
+
+def test_the_sweep_trains_every_method_once_per_seed_seed_major_in_its_own_folder(tmp_path, monkeypatch):
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "embedded" / "student_R50_FPN.yaml")
+    trained = []
+
+    def fake_run(cmd, out_dir, reuse=True):
+        trained.append((out_dir.relative_to(tmp_path).as_posix(), cmd[cmd.index("SEED") + 1]))
+        name = out_dir.parent.name
+        return {"method": name, "trial": int(cmd[-1]), "seed": int(cmd[cmd.index("SEED") + 1]), "B": 0.0 if name == "baseline" else 0.05,
+                "bbox": {"AP": 3.0 + len(trained) % 3, "AP50": 9.0, "AP75": 1.0}, "wall_seconds": 1.0, "seconds_per_iter": 0.5}
+
+    monkeypatch.setattr("tools.sweep.run_student", fake_run)
+    from tools.sweep import main
+
+    runs = main(["--config-file", config, "--methods", "hint", "--seeds", "2", "--out", str(tmp_path), "--teacher-metrics", "/none"])
+    assert trained == [("baseline/seed0", "0"), ("hint/seed0", "0"), ("baseline/seed1", "1"), ("hint/seed1", "1")]
+    assert [(r["method"], r["trial"]) for r in runs] == [("baseline", 0), ("hint", 0), ("baseline", 1), ("hint", 1)]
+    assert "| hint | 0.05 | 2 |" in (tmp_path / "results.md").read_text()
+    trained.clear()
+    main(["--config-file", config, "--methods", "--seeds", "1", "--out", str(tmp_path), "--teacher-metrics", "/none"])
+    assert trained == [("baseline/seed0", "0")]  # no methods: the baseline alone
