@@ -15,6 +15,7 @@ CODEC ?=
 OPTS ?=
 METHODS ?= hint attention similarity nst rkd pkt kdsvd fsp correlation vid crd abound factor kd cwd pkd mgd fgd defeat
 NPROC ?= 1
+SEEDS ?= 1
 
 # NPROC=N runs stage one or two as N processes on this machine through torchrun (docs/scale-out.md)
 RUN := $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m,$(PY) -m)
@@ -83,7 +84,7 @@ bench: teacher
 # SWEEP_OUT: where the runs and results go (another config needs its own, or finished runs are reused)
 SWEEP_OUT ?=
 sweep: cache-teacher
-	$(PY) -m tools.sweep --config-file $(STUDENT_CFG) $(if $(SWEEP_OUT),--out $(SWEEP_OUT)) --methods $(METHODS) \
+	$(PY) -m tools.sweep --config-file $(STUDENT_CFG) $(if $(SWEEP_OUT),--out $(SWEEP_OUT)) --methods $(METHODS) --seeds $(SEEDS) \
 	  $(if $(ITERS),--iters $(ITERS)) $(OPTS)
 
 # On a GPU machine with its own torch (docs/gpu.md): needs .device/ from `bash tools/device_wheels.sh`, run here first.
