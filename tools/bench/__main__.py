@@ -17,6 +17,9 @@ def main(argv=None) -> dict | None:
                         "unless --out is given")
     parser.add_argument("--teacher", default=None, help="the trained teacher's weights "
                         "(default output/embedded/teacher/model_final.pth, which make bench trains)")
+    parser.add_argument("--photo-loss-batches", type=int, default=None, metavar="N",
+                        help="photos: measure loss_kd and gradients on the first N batches of pairs (default 10: "
+                        "every photograph in both views; 5: each once, views alternating between pairs)")
     parser.add_argument("--out", default=None, help="the Markdown report to write (default BENCHMARKS.md for the "
                         "default sections)")
     parser.add_argument("--render", metavar="JSON", default=None,
@@ -48,7 +51,8 @@ def main(argv=None) -> dict | None:
     out = args.out or ("BENCHMARKS.md" if default else str(BENCH_DIR / ("BENCHMARKS-" + "-".join(sections) + ".md")))
     command = " ".join(["python -m tools.bench"] + sys.argv[1:]) if argv is None else \
         " ".join(["python -m tools.bench"] + list(argv))
-    return run(args.quick, out, command, sections, teacher=args.teacher or TEACHER_WEIGHTS)
+    plan = {} if args.photo_loss_batches is None else {"photo_loss_batches": args.photo_loss_batches}
+    return run(args.quick, out, command, sections, teacher=args.teacher or TEACHER_WEIGHTS, plan_overrides=plan)
 
 
 if __name__ == "__main__":

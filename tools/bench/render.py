@@ -245,7 +245,8 @@ def _render_codecs(results: dict, size_label: dict) -> list[str]:
                          verdict(c["ratio_vs_fp32"], *t["lossy_ratio_vs_fp32"]), f"{_fmt(worst)} ({method})",
                          verdict(worst, *t["lossy_loss_kd_rel_dev"])])
     parts += ["Target: a lossy codec ≥ 8x smaller than raw fp32 with every method's loss_kd within 1% (here: the "
-              "bench's synthetic images and an untrained student).", "",
+              "bench's synthetic images and an untrained student; section 4c measures real photographs and a student "
+              "near the teacher).", "",
               _table(["size", "codec", "ratio vs fp32", "≥ 8x", "max loss_kd deviation", "≤ 1%"], rows), ""]
     return parts
 
@@ -352,6 +353,103 @@ def _render_parity(results: dict, size_label: dict) -> list[str]:
     return parts
 
 
+def _worst(per_method: dict) -> tuple[float, str]:
+    method = max(per_method, key=per_method.get)
+    return per_method[method], method
+
+
+def _wheel_label(wheel: str) -> str:
+    """scikit_image-0.26.0-cp311-...whl -> scikit-image 0.26.0"""
+    name, version = wheel.split("-")[:2]
+    return f"{name.replace('_', '-')} {version}"
+
+
+def _render_photos(results: dict, size_label: dict) -> list[str]:
+    t = _targets(results)
+    ph = results["photos"]
+    codecs = sorted(ph["codecs"], key=lambda c: ph["codecs"][c]["ratio_vs_fp32"])
+    first = ph["codecs"][codecs[0]]
+    levels = list(first["levels"])
+    methods = _methods(results, first["students"]["untrained"]["loss_kd_rel_dev"])
+    names = ", ".join(im["name"] for im in ph["images"])
+    ratio_op, ratio_t = t["lossy_ratio_vs_fp32"]
+    dev_op, dev_t = t["lossy_loss_kd_rel_dev"]
+    parts = ["## 4c. Codecs on photographs", "",
+             f"{len(ph['images'])} real photographs ({names}; the sample photographs inside the "
+             + " and ".join(sorted({_wheel_label(im['wheel']) for im in ph['images']}))
+             + " wheels, downloaded with `pip download --no-deps`, not installed; licences below), resized as COCO is "
+             f"(short edge {ph['resize'][0]}, max {ph['resize'][1]}), both views, the trained embedded R101-FPN teacher "
+             f"(`{ph['teacher_weights']}`). Each codec's store is written by the store's writer from the teacher's float32 "
+             "features and read back with `TeacherFeatureStore.read`. Batches: pairs of photographs grouped by aspect "
+             f"as detectron2's loader groups them, each pair unflipped and flipped ({len(ph['batches'])} batches). "
+             "Students: *untrained* = the seeded untrained R50-FPN student's FPN on the padded pair; *near the "
+             f"teacher* = the teacher's float32 maps plus Gaussian noise of {ph['noise_std_fraction']:g} x each "
+             "channel's standard deviation, the state of a student late in training. Per codec, the largest over the "
+             "batches and the feature methods (kd reads RPN maps, stored at int8's step; crd a memory bank) of: the "
+             "relative deviation of loss_kd from the one with float32 teacher features, and the relative L2 error of "
+             "the gradient of loss_kd with respect to the student's features. Rows by ratio.", ""]
+    rows = []
+    for c in codecs:
+        r = ph["codecs"][c]
+        cells = [c, _fmt(r["ratio_vs_fp32"])] + [_fmt(r["levels"][lv]) for lv in levels]
+        ok = []
+        for student in ("untrained", "near_teacher"):
+            dev, dm = _worst(r["students"][student]["loss_kd_rel_dev"])
+            cells.append(f"{_fmt(dev)} ({dm})")
+            ok.append(dev <= dev_t if dev_op == "<=" else dev >= dev_t)
+        for student in ("untrained", "near_teacher"):
+            g, gm = _worst(r["students"][student]["grad_rel_err"])
+            cells.append(f"{_fmt(g)} ({gm})")
+        big = r["ratio_vs_fp32"] >= ratio_t if ratio_op == ">=" else r["ratio_vs_fp32"] <= ratio_t
+        cells += ["yes" if big and ok[0] else "no", "yes" if big and ok[1] else "no"]
+        rows.append(cells)
+    parts += [_table(["codec", "x smaller than fp32"] + [f"rel L2 {lv}" for lv in levels]
+                     + ["worst loss_kd deviation, untrained", "worst loss_kd deviation, near the teacher",
+                        "worst gradient error, untrained", "worst gradient error, near the teacher",
+                        f"{ratio_op} {ratio_t:g}x and {dev_op} {dev_t:.0%}, untrained",
+                        f"{ratio_op} {ratio_t:g}x and {dev_op} {dev_t:.0%}, near the teacher"], rows), ""]
+    for student, label in (("untrained", "untrained student"), ("near_teacher", "student near the teacher")):
+        for key, what in (("loss_kd_rel_dev", "loss_kd deviation"), ("grad_rel_err", "gradient error")):
+            rows = [[c] + [_fmt(ph["codecs"][c]["students"][student][key].get(m)) for m in methods] for c in codecs]
+            parts += [f"Per method, {what}, {label}:", "", _table(["codec"] + methods, rows), ""]
+    fp32 = ph.get("loss_kd_fp32", {})
+    if fp32:
+        rows = [[m] + [_fmt(min(fp32[s][m]), 4) + " - " + _fmt(max(fp32[s][m]), 4) for s in ("untrained", "near_teacher")]
+                for m in methods]
+        parts += ["loss_kd with float32 teacher features (range over the batches; B as the bench's distiller): near "
+                  "the teacher the losses are small, so the same quantisation error is a larger share of them.", "",
+                  _table(["method", "untrained", "near the teacher"], rows), ""]
+    rows = [[im["name"], f"`{im['member']}` ({_wheel_label(im['wheel'])})",
+             f"{im['orig_hw'][1]}x{im['orig_hw'][0]} {im['mode']}", f"{im['resized_hw'][1]}x{im['resized_hw'][0]}",
+             im["licence"]] for im in ph["images"]]
+    parts += ["The photographs and their licences, as the wheels state them (skimage's in the docstrings of "
+              "`skimage/data/_fetchers.py`, sklearn's in `sklearn/datasets/images/README.txt`); the wheels' own files "
+              "are under " + "; ".join(sorted({im["wheel_licence"] for im in ph["images"]})) + ".", "",
+              _table(["photograph", "file in the wheel", "as read (w x h)", "resized (w x h)", "licence"], rows), ""]
+    return parts
+
+
+def _render_padded_batch(results: dict, size_label: dict) -> list[str]:
+    pb = results["padded_batch"]
+    labels = {"embedded": "embedded (student train loader)", "coco": "COCO size (photographs, 800/1333)"}
+    levels = list(next(iter(pb.values()))["levels"])
+    parts = ["## 8. Per-image vs padded-batch teacher features", "",
+             "How far the teacher's features of an image are when the teacher runs on the student's padded batch (the "
+             "original live design) instead of on the image alone (the store's definition, docs/store-format.md "
+             "section 0): relative L2 per level pooled over the images (largest single image in brackets). "
+             "Embedded: batches of the student's train loader (seeded; aspect grouping, random flips). COCO size: "
+             "the photographs of section 4c in aspect-grouped pairs, unflipped. Padding share: the mean share of "
+             "the batch's padded input that is not the image.", ""]
+    rows = []
+    for key in [k for k in SIZES if k in pb] + [k for k in pb if k not in SIZES]:
+        r = pb[key]
+        rows.append([labels.get(key, key), r["images"], r["batch_size"], _fmt(r["padding_share_mean"])]
+                    + [f"{r['levels'][lv]['rel_l2']:.1%} ({r['levels'][lv]['rel_l2_max_image']:.1%})" for lv in levels])
+    parts += [_table(["size", "images", "batch", "padding share"] + levels, rows), ""]
+    return parts
+
+
 SECTION_RENDERERS = (("student_step", _render_student_step), ("stage_one", _render_stage_one), ("reader", _render_reader),
                      ("codecs", _render_codecs), ("codec_candidates", _render_codec_candidates),
-                     ("flip", _render_flip), ("parity", _render_parity), ("sweep", _render_sweep))
+                     ("photos", _render_photos), ("flip", _render_flip), ("parity", _render_parity),
+                     ("sweep", _render_sweep), ("padded_batch", _render_padded_batch))

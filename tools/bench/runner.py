@@ -16,7 +16,8 @@ from tools.bench.spec import CODEC_NAMES, DEFAULT_SECTIONS, PLANS, TARGETS, sele
 
 # What sections leave in ctx for others, and the sections that use it: freed once none of those is left to run
 # (float32 features at COCO size are gigabytes).
-_USED_BY = {"fp32": {"codecs", "codec_candidates", "flip"}, "loss_batches": {"codecs", "codec_candidates"}}
+_USED_BY = {"fp32": {"codecs", "codec_candidates", "flip"}, "loss_batches": {"codecs", "codec_candidates"},
+            "photos": {"photos", "padded_batch"}}
 
 
 def json_path(sections: list[str]) -> Path:

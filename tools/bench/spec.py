@@ -5,7 +5,7 @@ from cache.codecs import LOSSY_DEFAULT
 
 # The stores of the timing sections (stage one, reader, parity, codecs) hold these codecs.
 CODEC_NAMES = ("fp16", "int8", LOSSY_DEFAULT)
-# int8-std<a> steps tried in memory (codec_candidates).
+# int8-std<a> steps tried in memory (codec_candidates) and in stores on photographs (photos).
 CANDIDATE_STEPS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 SIZES = ("embedded", "coco")
 SIZE_LABELS = {"embedded": "embedded (128 short edge, max 224)", "coco": "COCO size (800x1088)"}
@@ -30,7 +30,8 @@ TARGETS = {
 
 # Every section, in run order. The default run leaves out the codec-candidate study (it chose the
 # int8-std rule; `--sections codec_candidates` reproduces it).
-SECTIONS = ("stage_one", "codecs", "codec_candidates", "flip", "parity", "student_step", "reader", "sweep")
+SECTIONS = ("stage_one", "codecs", "codec_candidates", "flip", "photos", "padded_batch", "parity", "student_step",
+            "reader", "sweep")
 DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "codec_candidates")
 # A section that reports figures of another runs that one too (the sweep projects from steps and stage one).
 REQUIRES = {"flip": ("codecs",), "sweep": ("student_step", "stage_one")}
@@ -41,12 +42,12 @@ PLANS = {
                 shard1_variant=True,
                 step_rounds={"embedded": 2, "coco": 2}, step_warmup={"embedded": 1, "coco": 1},
                 step_timed={"embedded": 5, "coco": 2}, reader_passes={"embedded": 6, "coco": 5},
-                loss_batches={"embedded": 4, "coco": 2}),
+                loss_batches={"embedded": 4, "coco": 2}, photos=10, photo_loss_batches=10, padded_batches={"embedded": 6}),
     True: dict(embedded_every=15, embedded_val=8, coco_images=2, stage_one_rounds={"embedded": 1, "coco": 1},
                shard1_variant=False,
                step_rounds={"embedded": 1, "coco": 1}, step_warmup={"embedded": 1, "coco": 1},
                step_timed={"embedded": 3, "coco": 2}, reader_passes={"embedded": 3, "coco": 2},
-               loss_batches={"embedded": 2, "coco": 1}),
+               loss_batches={"embedded": 2, "coco": 1}, photos=4, photo_loss_batches=2, padded_batches={"embedded": 2}),
 }
 
 
