@@ -226,3 +226,13 @@ def test_the_gradient_error_is_the_relative_l2_distance_of_the_students_gradient
     assert grad_rel_err(ref, ref) == 0
     assert math.isclose(grad_rel_err(torch.tensor([3.0, 5.0], dtype=torch.float64), ref), 0.2)
     assert grad_rel_err(torch.zeros(2), torch.zeros(2)) == 0 and grad_rel_err(ref, torch.zeros(2)) == math.inf
+
+
+def test_the_teachers_config_is_the_one_beside_its_weights_unless_given(tmp_path):
+    from tools.bench.runner import teacher_config_for
+
+    weights = tmp_path / "model_final.pth"
+    assert teacher_config_for(str(weights)) is None  # then the student config's DISTILL.CFG_T
+    (tmp_path / "config.yaml").write_text("MODEL: {}\n")
+    assert teacher_config_for(str(weights)) == str(tmp_path / "config.yaml")
+    assert teacher_config_for(str(weights), "configs/other.yaml") == "configs/other.yaml"

@@ -17,6 +17,8 @@ def main(argv=None) -> dict | None:
                         "unless --out is given")
     parser.add_argument("--teacher", default=None, help="the trained teacher's weights "
                         "(default output/embedded/teacher/model_final.pth, which make bench trains)")
+    parser.add_argument("--teacher-cfg", default=None, help="the teacher's config (default: the config.yaml beside "
+                        "--teacher's weights, else the student config's DISTILL.CFG_T)")
     parser.add_argument("--photo-loss-batches", type=int, default=None, metavar="N",
                         help="photos: measure loss_kd and gradients on the first N batches of pairs (default 10: "
                         "every photograph in both views; 5: each once, views alternating between pairs)")
@@ -52,7 +54,8 @@ def main(argv=None) -> dict | None:
     command = " ".join(["python -m tools.bench"] + sys.argv[1:]) if argv is None else \
         " ".join(["python -m tools.bench"] + list(argv))
     plan = {} if args.photo_loss_batches is None else {"photo_loss_batches": args.photo_loss_batches}
-    return run(args.quick, out, command, sections, teacher=args.teacher or TEACHER_WEIGHTS, plan_overrides=plan)
+    return run(args.quick, out, command, sections, teacher=args.teacher or TEACHER_WEIGHTS, plan_overrides=plan,
+               teacher_cfg=args.teacher_cfg)
 
 
 if __name__ == "__main__":

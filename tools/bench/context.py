@@ -71,21 +71,25 @@ def rel(a: float, b: float) -> float:
 # ---------------------------------------------------------------------------------------- set-up
 
 
-def wait_for_teacher(path: str = TEACHER_WEIGHTS, poll_s: float = 30.0, timeout_s: float = 4 * 3600) -> None:
-    """Wait (polling every 30 s) until the trained teacher's weights exist and stop growing."""
+def wait_for_teacher(path: str = TEACHER_WEIGHTS, poll_s: float = 30.0, timeout_s: float = 4 * 3600,
+                     settle_s: float = 10.0) -> None:
+    """Wait (polling every 30 s) until the trained teacher's weights exist and have not changed for settle_s
+    (a copy or a checkpoint being written is not read half-way)."""
     waited = 0.0
-    last = -1
+    last = None
     while True:
-        size = os.path.getsize(path) if os.path.exists(path) else -1
-        if size > 0 and size == last:
+        stat = os.stat(path) if os.path.exists(path) else None
+        now = (stat.st_size, stat.st_mtime_ns) if stat else None
+        if stat and stat.st_size > 0 and now == last and time.time() - stat.st_mtime >= settle_s:
             return
-        if size < 0:
+        if stat is None:
             log(f"waiting for {path} (make teacher) ...")
-        last = size
+        last = now
         if waited > timeout_s:
             raise TimeoutError(f"{path} did not appear within {timeout_s / 3600:.1f} h: run make teacher")
-        time.sleep(poll_s if size < 0 else 2.0)
-        waited += poll_s if size < 0 else 2.0
+        step = poll_s if stat is None else settle_s
+        time.sleep(step)
+        waited += step
 
 
 def machine_info() -> dict:
@@ -169,6 +173,8 @@ def student_cfg(size: str, ctx: dict, mode: str = "cached", codec: str = "fp16",
             "DISTILL.CACHE.PATH", str(STORES / f"{size}_{codec}.zarr"), "DISTILL.CACHE.FLIP", "stored",
             "DISTILL.CACHE.RPN", False, "DATASETS.TRAIN", (dataset or ctx["datasets"][size],),
             "OUTPUT_DIR", str(BENCH_DIR / "tmp")]
+    if ctx.get("teacher_cfg"):  # the config the teacher was trained with (GN vs BN must match its weights)
+        opts += ["DISTILL.CFG_T", ctx["teacher_cfg"]]
     if size == "coco":
         opts += ["INPUT.MIN_SIZE_TRAIN", (COCO_RESIZE[0],), "INPUT.MAX_SIZE_TRAIN", COCO_RESIZE[1],
                  "INPUT.MIN_SIZE_TEST", COCO_RESIZE[0], "INPUT.MAX_SIZE_TEST", COCO_RESIZE[1],

@@ -306,7 +306,7 @@ def measure_photos(ctx: dict) -> dict:
     out = {"images": [{k: r[k] for k in ("name", "image_id", "wheel", "member", "licence", "wheel_licence",
                                          "orig_hw", "resized_hw", "mode")} for r in records],
            "resize": [cfg.INPUT.MIN_SIZE_TRAIN[0], cfg.INPUT.MAX_SIZE_TRAIN], "noise_std_fraction": NOISE,
-           "teacher_weights": cfg.DISTILL.PATH_T, "teacher_s_per_image_both_views": photos["teacher_s_per_image"],
+           "teacher_weights": cfg.DISTILL.PATH_T, "teacher_cfg": cfg.DISTILL.CFG_T, "teacher_s_per_image_both_views": photos["teacher_s_per_image"],
            "codecs": {}}
     stores = {}
     for codec in PHOTO_CODECS:

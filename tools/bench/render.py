@@ -75,7 +75,8 @@ def render(results: dict) -> str:
         f"Data: embedded = {plan['embedded_images']} images of embedded_train (every {plan['embedded_every']}th, "
         f"`bench_embedded_train_{plan['embedded_every']}`); COCO size = {plan['coco_images']} embedded train images upscaled to 1088x800 "
         "with boxes scaled (`output/bench/coco_size/`), student INPUT.MIN_SIZE_TRAIN (800,), MAX_SIZE_TRAIN 1333. "
-        f"Both use the embedded R101-FPN teacher (`{results.get('teacher_weights', 'output/embedded/teacher/model_final.pth')}`) and the "
+        f"Both use the embedded R101-FPN teacher (`{results.get('teacher_weights', 'output/embedded/teacher/model_final.pth')}`"
+        + (f", config `{results['teacher_cfg']}`" if results.get("teacher_cfg") else "") + ") and the "
         "embedded R50-FPN student config: at COCO size the figures are about cost and compression, not accuracy. "
         "Stores: `output/bench/stores/<size>_<codec>.zarr`, flip 'stored' (both views). All on CPU.", "",
     ]
@@ -379,7 +380,8 @@ def _render_photos(results: dict, size_label: dict) -> list[str]:
              + " and ".join(sorted({_wheel_label(im['wheel']) for im in ph['images']}))
              + " wheels, downloaded with `pip download --no-deps`, not installed; licences below), resized as COCO is "
              f"(short edge {ph['resize'][0]}, max {ph['resize'][1]}), both views, the trained embedded R101-FPN teacher "
-             f"(`{ph['teacher_weights']}`). Each codec's store is written by the store's writer from the teacher's float32 "
+             f"(`{ph['teacher_weights']}`" + (f", config `{ph['teacher_cfg']}`" if ph.get("teacher_cfg") else "")
+             + "). Each codec's store is written by the store's writer from the teacher's float32 "
              "features and read back with `TeacherFeatureStore.read`. Batches: pairs of photographs grouped by aspect "
              f"as detectron2's loader groups them, each pair unflipped and flipped ({len(ph['batches'])} batches). "
              "Students: *untrained* = the seeded untrained R50-FPN student's FPN on the padded pair; *near the "
