@@ -78,6 +78,8 @@ TRIALS ?= 10
 kill-test: setup
 	$(PY) tools/kill_loop.py --trials $(TRIALS)
 
+# The bench's default sections (BENCHMARKS.md); BENCH_OPTS="--sections codecs,flip" runs some, "--quick" fewer images,
+# "--sections codec_candidates" the codec study left out of the default run (tools/bench/).
 bench: teacher
 	$(PY) -m tools.bench $(BENCH_OPTS)
 
