@@ -173,7 +173,7 @@ class _CountingS3Calls:
 
 
 def _synthetic_s3_store(url: str, n: int, options: dict) -> None:
-    layout = make_layout()
+    layout = make_layout(sizes=(100,))  # a format 3 store: finalisation writes the consolidated row index
     ids = list(range(1000, 1000 + n))
     writer = TeacherFeatureWriter.open(url, layout, ids, "synthetic", FINGERPRINT, storage_options=options)
     for shard in writer.pending_shards():
