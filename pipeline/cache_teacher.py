@@ -21,6 +21,7 @@ def main(args) -> dict:
     cfg = setup(args)
     with refusals_as_one_line("cache-teacher", STORE_REFUSALS + (ValueError,)):
         plan = TeacherPlan.from_config(cfg)  # a config the store cannot serve is refused here, in one line
+        plan.fingerprint  # noqa: B018  (missing teacher weights: one line, before any work)
     with refusals_as_one_line("cache-teacher"):
         summary = cache_teacher(cfg, overwrite=args.overwrite, plan=plan)
     if comm.is_main_process():

@@ -53,7 +53,6 @@ class TeacherPlan:
         """Resolve the plan of a student config (with a DISTILL node); raises with the key to fix."""
         from pipeline.teacher import store_resize, teacher_geometry
 
-        check_teacher_weights(cfg.DISTILL.PATH_T)  # before any hashing or model building
         cfg_t = load_teacher_cfg(cfg)
         strides, divisibility = teacher_geometry(cfg_t, cfg.DISTILL.LEVELS)
         return cls(
@@ -77,6 +76,7 @@ class TeacherPlan:
         """Everything that determines the stored features (hashes the weights once per plan)."""
         from pipeline.teacher import plan_fingerprint
 
+        check_teacher_weights(self.weights)  # one clear line before any hashing
         return plan_fingerprint(self)
 
 

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.plan import TeacherPlan, as_plan, load_teacher_cfg  # noqa: F401  (load_teacher_cfg re-exported)
+from pipeline.plan import TeacherPlan, as_plan, check_teacher_weights, load_teacher_cfg  # noqa: F401  (load_teacher_cfg re-exported)
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import transforms as T
@@ -57,8 +57,7 @@ class TeacherCheckpointer(DetectionCheckpointer):
 def build_teacher(plan: TeacherPlan | CfgNode) -> torch.nn.Module:
     """Build the teacher detector from DISTILL.CFG_T and load DISTILL.PATH_T, frozen in eval mode."""
     plan = as_plan(plan)
-    if not plan.weights:
-        raise ValueError("DISTILL.PATH_T is empty: set it to the teacher's weights (detectron2:// URL, .pkl or .pth)")
+    check_teacher_weights(plan.weights)
     model = build_model(plan.teacher_cfg)
     TeacherCheckpointer(model).load(plan.weights)
     model.eval()

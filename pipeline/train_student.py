@@ -10,7 +10,7 @@ given weights, as detectron2's tools/train_net.py does.
 from __future__ import annotations
 
 from pipeline.losses import loss_class
-from pipeline.plan import TeacherPlan
+from pipeline.plan import TeacherPlan, check_teacher_weights
 from pipeline.refusals import STORE_REFUSALS, refusals_as_one_line
 from pipeline.stage_two import StudentTrainer, check_store, train_student
 from pipeline.trainer import setup
@@ -31,6 +31,7 @@ def main(args) -> dict:
         with refusals_as_one_line("train-student", STORE_REFUSALS + (ValueError,)):
             loss_class(cfg.DISTILL.DISTILL)  # an unknown method: one line listing the methods
             plan = TeacherPlan.from_config(cfg)  # a teacher or config the store cannot serve: one line
+            check_teacher_weights(plan.weights)
             if cfg.DISTILL.SOURCE == "cache":
                 store_info = check_store(cfg, plan)
     metrics = train_student(cfg, resume=args.resume, store_info=store_info)

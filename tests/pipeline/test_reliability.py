@@ -201,7 +201,7 @@ def _teacher_variant(tmp_path, tiny_teacher, overrides: str) -> dict:
     ((), "INPUT:\n  FORMAT: RGB\n", ["input_format"]),
     ((), "MODEL:\n  PIXEL_STD: [57.0, 57.0, 57.0]\n", ["pixel_std", "teacher_config_sha256"]),
     ((), "MODEL:\n  FPN:\n    FUSE_TYPE: avg\n", ["teacher_config_sha256"]),
-    (("INPUT.MIN_SIZE_TRAIN", (112,)), "", ["resize"]),
+    (("INPUT.MAX_SIZE_TRAIN", 256), "", ["resize"]),  # another short edge: refused as a lacking size (test_multiscale)
     (("DISTILL.LEVELS", ["p2", "p3"]), "", ["levels", "strides"]),
     (("DISTILL.CACHE.CODEC", "int8"), "", ["codec"]),
     (("DISTILL.CACHE.FLIP", "mirror"), "", ["flip"]),
